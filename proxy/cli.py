@@ -1,0 +1,58 @@
+"""The `joulegate` command."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from proxy.config import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="joulegate",
+        description="A reverse proxy that meters GPU energy per inference request.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    serve = commands.add_parser("serve", help="proxy an upstream model server and meter it")
+    serve.add_argument("--upstream", help="the model server's base URL, e.g. http://127.0.0.1:8000")
+    serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)")
+    serve.add_argument("--meter", help="auto, nvml, nvml:0,1, cpu, synthetic:WATTS or trace:FILE")
+    serve.add_argument(
+        "--config",
+        default=os.environ.get("JOULEGATE_CONFIG"),
+        help="YAML configuration file (also JOULEGATE_CONFIG)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    arguments = _parser().parse_args(argv)
+    if arguments.command == "serve":
+        try:
+            config = load_config(
+                arguments.config,
+                overrides={
+                    "upstream": arguments.upstream,
+                    "listen": arguments.listen,
+                    "meter": arguments.meter,
+                },
+            )
+        except ConfigError as error:
+            print(f"joulegate: configuration error: {error}", file=sys.stderr)
+            return 2
+        logging.basicConfig(
+            level=config.log_level.upper(),
+            format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        )
+        from proxy.server import run
+
+        run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

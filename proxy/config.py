@@ -1,0 +1,300 @@
+"""joulegate configuration: defaults, then a YAML file, then `JOULEGATE_*` variables, then flags.
+
+Every key is declared once in `FIELDS` with its parser, so the YAML file, the environment and
+the command line accept exactly the same values and reject bad ones with the same message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from proxy.tasks import TASKS
+
+ENV_PREFIX = "JOULEGATE_"
+
+
+class ConfigError(ValueError):
+    """A bad configuration value; the message names the key and is printed as one line."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One line of the route table: a path pattern and the task it serves.
+
+    The pattern is a literal path, or contains `{model}` (one path segment) or `{model:path}`
+    (the rest of the path), from which the model name is taken for TGI and HF-style routes.
+    """
+
+    path: str
+    task: str
+
+
+DEFAULT_ROUTES: tuple[Route, ...] = (
+    Route("/v1/chat/completions", "text-generation"),
+    Route("/v1/completions", "text-generation"),
+    Route("/generate", "text-generation"),
+    Route("/generate_stream", "text-generation"),
+    Route("/v1/images/generations", "image-generation"),
+    Route("/v1/embeddings", "embeddings"),
+    Route("/v1/audio/transcriptions", "speech-recognition"),
+    Route("/v1/audio/speech", "text-to-speech"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    upstream: str = "http://127.0.0.1:8000"
+    listen: str = "127.0.0.1:8080"
+    meter: str = "auto"
+    max_body_bytes: int = 32 * 1024 * 1024
+    connect_timeout_seconds: float = 5.0
+    read_timeout_seconds: float = 300.0
+    upstream_connections: int = 256
+    inject_stream_usage: bool = True
+    routes: tuple[Route, ...] = DEFAULT_ROUTES
+    # sha256 hex digest of an API key -> tenant name. Raw keys never appear in config or logs.
+    api_keys: Mapping[str, str] = field(default_factory=dict)
+    # Label values allowed on metrics; anything else is counted as `other`.
+    models: tuple[str, ...] = ()
+    max_models: int = 50
+    log_level: str = "info"
+
+    @property
+    def listen_host(self) -> str:
+        return self.listen.rpartition(":")[0] or "127.0.0.1"
+
+    @property
+    def listen_port(self) -> int:
+        return int(self.listen.rpartition(":")[2])
+
+    @property
+    def tenants(self) -> frozenset[str]:
+        return frozenset(self.api_keys.values()) | {"anonymous"}
+
+
+# ---- parsers: each takes the raw value (YAML-typed or a string) and returns the typed value ----
+
+
+def _str(value: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"expected a non-empty string, got {value!r}")
+    return value.strip()
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
+        return True
+    if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+_SIZE_UNITS |= {"kib": 1024, "mib": 1024**2, "gib": 1024**3}
+
+
+def _byte_size(value: Any) -> int:
+    """Bytes as an integer or with a unit (`32MiB`, `10mb`), because nobody counts 33554432."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size in bytes, got {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", str(value))
+        if not match or match.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"expected a size such as 1048576 or 32MiB, got {value!r}")
+        size = int(match.group(1)) * _SIZE_UNITS[match.group(2).lower()]
+    if size <= 0:
+        raise ValueError(f"expected a positive size, got {value!r}")
+    return size
+
+
+def _positive_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a positive number, got {value!r}") from None
+    if isinstance(value, bool) or not number > 0 or number == float("inf"):
+        raise ValueError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    try:
+        number = int(str(value).strip()) if isinstance(value, str) else int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"expected a positive integer, got {value!r}") from None
+    if number <= 0 or (isinstance(value, float) and number != value):
+        raise ValueError(f"expected a positive integer, got {value!r}")
+    return number
+
+
+def _upstream(value: Any) -> str:
+    url = _str(value).rstrip("/")
+    parts = urlsplit(url)
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
+        raise ValueError(f"expected an http:// or https:// URL, got {value!r}")
+    if parts.query or parts.fragment:
+        raise ValueError(f"expected a URL without query or fragment, got {value!r}")
+    return url
+
+
+def _listen(value: Any) -> str:
+    text = _str(str(value))
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    return f"{host or '0.0.0.0'}:{int(port)}"
+
+
+def _log_level(value: Any) -> str:
+    level = _str(value).lower()
+    if level not in {"debug", "info", "warning", "error"}:
+        raise ValueError(f"expected debug, info, warning or error, got {value!r}")
+    return level
+
+
+def _structured(value: Any) -> Any:
+    """Environment variables carry lists and maps as YAML (JSON is YAML too)."""
+    return yaml.safe_load(value) if isinstance(value, str) else value
+
+
+_ROUTE_PATTERN = re.compile(r"^/[^{}]*(\{model(:path)?\}[^{}]*)?$")
+
+
+def _routes(value: Any) -> tuple[Route, ...]:
+    value = _structured(value)
+    if not isinstance(value, list) or not value:
+        raise ValueError("expected a list of {path, task} entries")
+    routes = []
+    for index, entry in enumerate(value):
+        if not isinstance(entry, dict) or set(entry) != {"path", "task"}:
+            raise ValueError(f"entry {index}: expected exactly the keys path and task")
+        path, task = entry["path"], entry["task"]
+        if not isinstance(path, str) or not _ROUTE_PATTERN.match(path):
+            raise ValueError(
+                f"entry {index}: path {path!r} must start with / and may hold one"
+                " {model} or {model:path}"
+            )
+        if task not in TASKS:
+            raise ValueError(f"entry {index}: unknown task {task!r} (one of {', '.join(TASKS)})")
+        routes.append(Route(path, task))
+    return tuple(routes)
+
+
+def _api_keys(value: Any) -> dict[str, str]:
+    value = _structured(value)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError("expected a map of sha256 hex digests to tenant names")
+    keys = {}
+    for digest, tenant in value.items():
+        if not isinstance(digest, str) or not re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            raise ValueError(
+                "keys must be sha256 hex digests of API keys (64 hex digits), never raw keys"
+            )
+        if not isinstance(tenant, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+            raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'")
+        keys[digest.lower()] = tenant
+    return keys
+
+
+def _models(value: Any) -> tuple[str, ...]:
+    value = _structured(value)
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
+        raise ValueError("expected a list of model names")
+    return tuple(value)
+
+
+def _meter(value: Any) -> str:
+    spec = _str(value)
+    name = spec.partition(":")[0]
+    if name not in {"auto", "nvml", "cpu", "synthetic", "trace"}:
+        raise ValueError(
+            f"expected auto, nvml[:DEVICES], cpu, synthetic:WATTS or trace:FILE, got {value!r}"
+        )
+    return spec
+
+
+FIELDS: dict[str, Callable[[Any], Any]] = {
+    "upstream": _upstream,
+    "listen": _listen,
+    "meter": _meter,
+    "max_body_bytes": _byte_size,
+    "connect_timeout_seconds": _positive_float,
+    "read_timeout_seconds": _positive_float,
+    "upstream_connections": _positive_int,
+    "inject_stream_usage": _bool,
+    "routes": _routes,
+    "api_keys": _api_keys,
+    "models": _models,
+    "max_models": _positive_int,
+    "log_level": _log_level,
+}
+assert set(FIELDS) == {f.name for f in dataclasses.fields(Config)}
+
+
+def _parse(key: str, value: Any) -> Any:
+    try:
+        return FIELDS[key](value)
+    except ValueError as error:
+        raise ConfigError(key, str(error)) from None
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration: defaults < YAML file < `JOULEGATE_*` environment < overrides."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            document = yaml.safe_load(Path(path).read_text())
+        except OSError as error:
+            raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+        except yaml.YAMLError as error:
+            raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+        if document is None:
+            document = {}
+        if not isinstance(document, dict):
+            raise ConfigError("config", f"{path} must hold a map of keys to values")
+        for key, value in document.items():
+            if key not in FIELDS:
+                raise ConfigError(str(key), f"unknown key in {path} (known: {', '.join(FIELDS)})")
+            values[key] = _parse(key, value)
+    environ = os.environ if environ is None else environ
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX):
+            continue
+        key = name[len(ENV_PREFIX) :].lower()
+        if key == "config":
+            continue
+        if key not in FIELDS:
+            raise ConfigError(name, f"unknown setting (known: {', '.join(FIELDS)})")
+        values[key] = _parse(key, value)
+    for key, value in (overrides or {}).items():
+        if value is not None:
+            values[key] = _parse(key, value)
+    return Config(**values)

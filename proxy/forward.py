@@ -1,0 +1,337 @@
+"""Forward one request to the upstream and stream its answer back, chunk by chunk.
+
+The proxy must never be in the way of the traffic: bytes go to the client as they arrive,
+failures come back in the OpenAI error format, and a client that leaves cancels the
+upstream request so the GPU stops working for nobody.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from proxy.classify import Classification, Classifier
+from proxy.config import Config
+from proxy.errors import error_response
+from proxy.recorder import Recorder
+from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
+from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization"}
+    | {"te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"}
+)
+# Host and Content-Length are set again for the upstream connection; Expect is answered here.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
+# aiohttp writes its own Date and Server, as nginx does; length is set below when known.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+# A JSON answer is kept for reading its usage up to this size; larger ones pass uncounted.
+_MAX_JSON_USAGE_BYTES = 64 * 1024 * 1024
+# Answers of known length up to this size are read whole and sent in one write.
+_WHOLE_ANSWER_BYTES = 1024 * 1024
+# Client disconnects before the answer started are logged as nginx does.
+CLIENT_CLOSED_REQUEST = 499
+
+
+def _forwardable(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+    """The headers minus hop-by-hop ones, including any the Connection header names."""
+    named_by_connection = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in drop and name.lower() not in named_by_connection
+    )
+
+
+def _wants_usage_injection(path: str, classification: Classification) -> bool:
+    """An OpenAI-style stream that did not ask for usage: ask for it on the client's behalf."""
+    body = classification.body
+    if body is None or not classification.streaming or not path.endswith("/completions"):
+        return False
+    options = body.get("stream_options")
+    if options is None:
+        return True
+    return isinstance(options, dict) and options.get("include_usage") is not True
+
+
+def _with_usage_requested(body: dict[str, Any]) -> bytes:
+    options = body.get("stream_options") or {}
+    return json.dumps(body | {"stream_options": options | {"include_usage": True}}).encode()
+
+
+def _apply_usage(record: RequestRecord, usage: Usage | None) -> None:
+    if usage is None:
+        return
+    record.input_tokens = usage.input_tokens
+    record.output_tokens = usage.output_tokens
+    record.images = usage.images if usage.images is not None else record.images
+    record.pixels = usage.pixels
+    record.steps = usage.steps
+
+
+class Forwarder:
+    def __init__(self, config: Config, classifier: Classifier, recorder: Recorder) -> None:
+        self.config = config
+        self.classifier = classifier
+        self.recorder = recorder
+        self.session: aiohttp.ClientSession | None = None
+
+    async def open(self) -> None:
+        """The upstream connection pool: keep-alive, no cookies, bytes passed as they come."""
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=self.config.upstream_connections),
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=self.config.connect_timeout_seconds,
+                sock_read=self.config.read_timeout_seconds,
+            ),
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
+            trust_env=False,
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _request_id(self, request: web.Request) -> str:
+        offered = request.headers.get(REQUEST_ID_HEADER, "")
+        if _SANE_REQUEST_ID.fullmatch(offered) and offered not in self.recorder.in_flight:
+            return offered
+        return uuid.uuid4().hex
+
+    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+        headers = _forwardable(request.headers, _REQUEST_DROP)
+        chain = request.headers.get("X-Forwarded-For")
+        remote = request.remote or ""
+        headers["X-Forwarded-For"] = f"{chain}, {remote}" if chain else remote
+        headers["X-Forwarded-Proto"] = request.scheme
+        headers["X-Forwarded-Host"] = request.host
+        headers[REQUEST_ID_HEADER] = request_id
+        return headers
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        start, started_at = time.monotonic(), time.time()
+        request_id = self._request_id(request)
+        id_header = {REQUEST_ID_HEADER: request_id}
+        too_large = False
+        body = b""
+        if (request.content_length or 0) > self.config.max_body_bytes:
+            too_large = True
+        else:
+            try:
+                body = await request.read()
+            except web.HTTPRequestEntityTooLarge:
+                too_large = True
+        classification = self.classifier.classify(request.path, request.headers, body)
+        record = RequestRecord(
+            id=request_id,
+            task=classification.task,
+            model=classification.model,
+            tenant=classification.tenant,
+            streaming=classification.streaming,
+            method=request.method,
+            path=request.path,
+            upstream=self.config.upstream,
+            started_at=started_at,
+            start=start,
+        )
+        self.recorder.started(record)
+        try:
+            if too_large:
+                limit = self.config.max_body_bytes
+                return self._failed(
+                    record,
+                    error_response(
+                        413,
+                        f"Request body is larger than the limit of {limit} bytes.",
+                        "invalid_request_error",
+                        "request_too_large",
+                        id_header,
+                    ),
+                    "request body too large",
+                )
+            return await self._exchange(request, record, body, classification, id_header)
+        except asyncio.CancelledError:
+            if record.status not in (STATUS_OK, STATUS_ABORTED, STATUS_ERROR):
+                record.finish(
+                    time.monotonic(),
+                    STATUS_ABORTED,
+                    record.code or CLIENT_CLOSED_REQUEST,
+                    "client disconnected",
+                )
+            raise
+        finally:
+            if record.end is None:  # an unexpected exception: still recorded, never lost
+                record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
+            self.recorder.finished(record)
+
+    def _failed(self, record: RequestRecord, response: web.Response, reason: str) -> web.Response:
+        record.finish(time.monotonic(), STATUS_ERROR, response.status, reason)
+        return response
+
+    async def _exchange(
+        self,
+        request: web.Request,
+        record: RequestRecord,
+        body: bytes,
+        classification: Classification,
+        id_header: dict[str, str],
+    ) -> web.StreamResponse:
+        assert self.session is not None, "Forwarder.open() was not awaited"
+        strip_usage_chunk = False
+        if self.config.inject_stream_usage and _wants_usage_injection(request.path, classification):
+            assert classification.body is not None
+            body = _with_usage_requested(classification.body)
+            strip_usage_chunk = True
+        url = URL(self.config.upstream + request.raw_path, encoded=True)
+        try:
+            async with self.session.request(
+                request.method,
+                url,
+                headers=self._upstream_headers(request, record.id),
+                data=body or None,
+                allow_redirects=False,
+            ) as upstream:
+                return await self._relay(request, upstream, record, strip_usage_chunk, id_header)
+        except aiohttp.ClientConnectorError as error:
+            message = f"The upstream at {self.config.upstream} refused the connection."
+            if isinstance(error, aiohttp.ConnectionTimeoutError):
+                return self._failed(record, self._timeout(id_header), "upstream connect timeout")
+            return self._failed(
+                record,
+                error_response(502, message, "upstream_error", "upstream_unavailable", id_header),
+                "upstream refused connection",
+            )
+        except TimeoutError:
+            return self._failed(record, self._timeout(id_header), "upstream timeout")
+        except aiohttp.ClientError as error:
+            return self._failed(
+                record,
+                error_response(
+                    502,
+                    f"The upstream answered with an invalid response ({type(error).__name__}).",
+                    "upstream_error",
+                    "bad_upstream_response",
+                    id_header,
+                ),
+                "bad upstream response",
+            )
+
+    def _timeout(self, id_header: dict[str, str]) -> web.Response:
+        return error_response(
+            504,
+            f"The upstream at {self.config.upstream} did not answer in time.",
+            "upstream_error",
+            "upstream_timeout",
+            id_header,
+        )
+
+    def _whole_answer(
+        self,
+        upstream: aiohttp.ClientResponse,
+        body: bytes,
+        record: RequestRecord,
+        keep_json: bool,
+        headers: CIMultiDict[str],
+    ) -> web.Response:
+        """A small answer of known length, read whole: one write to the client, and an upstream
+        failure while reading it can still be answered with a proper 502 or 504."""
+        if keep_json:
+            _read_usage(record, body)
+        record.finish(time.monotonic(), STATUS_OK, upstream.status)
+        return web.Response(
+            status=upstream.status, reason=upstream.reason, headers=headers, body=body
+        )
+
+    async def _relay(
+        self,
+        request: web.Request,
+        upstream: aiohttp.ClientResponse,
+        record: RequestRecord,
+        strip_usage_chunk: bool,
+        id_header: dict[str, str],
+    ) -> web.StreamResponse:
+        content_type = upstream.headers.get("Content-Type", "").lower()
+        encoded = upstream.headers.get("Content-Encoding", "identity").lower() != "identity"
+        sse = None
+        if content_type.startswith("text/event-stream") and not encoded:
+            sse = SSEUsageReader(strip_usage_chunk)
+        keep_json = (
+            sse is None and not encoded and "json" in content_type and record.task != "other"
+        )
+        headers = _forwardable(upstream.headers, _RESPONSE_DROP)
+        headers.update(id_header)
+        length = upstream.content_length
+        whole = sse is None and length is not None and length <= _WHOLE_ANSWER_BYTES
+        if whole and request.method != "HEAD":
+            return self._whole_answer(upstream, await upstream.read(), record, keep_json, headers)
+        response = web.StreamResponse(
+            status=upstream.status, reason=upstream.reason, headers=headers
+        )
+        if upstream.content_length is not None and not strip_usage_chunk:
+            response.content_length = upstream.content_length
+        record.code = upstream.status
+        await response.prepare(request)
+        collected: bytearray | None = bytearray() if keep_json else None
+        status, reason = STATUS_OK, None
+        try:
+            async for chunk in upstream.content.iter_any():
+                if collected is not None:
+                    collected += chunk
+                    if len(collected) > _MAX_JSON_USAGE_BYTES:
+                        collected = None
+                out = sse.feed(chunk) if sse is not None else chunk
+                if out:
+                    await response.write(out)
+            if sse is not None and (tail := sse.flush()):
+                await response.write(tail)
+        except TimeoutError:
+            status, reason = STATUS_ABORTED, "upstream timed out mid-answer"
+        except aiohttp.ClientError:
+            status, reason = STATUS_ABORTED, "upstream closed mid-answer"
+        except ConnectionResetError:
+            status, reason = STATUS_ABORTED, "client disconnected"
+        if sse is not None:
+            _apply_usage(record, sse.usage)
+        elif collected:
+            _read_usage(record, bytes(collected))
+        record.finish(time.monotonic(), status, upstream.status, reason)
+        if status == STATUS_OK or reason == "client disconnected":
+            if status == STATUS_OK:
+                await response.write_eof()
+            return response
+        if response.content_length is not None:
+            # A promised length cannot be kept: closing tells the client the body is short.
+            if request.transport is not None:
+                request.transport.close()
+        else:
+            await response.write_eof()  # a chunked stream ends cleanly
+        return response
+
+
+def _read_usage(record: RequestRecord, body: bytes) -> None:
+    try:
+        document = json.loads(body)
+    except (ValueError, RecursionError):
+        return
+    _apply_usage(record, usage_from_json(document))
+    if record.task == "image-generation" and record.images is None:
+        record.images = image_count(document)

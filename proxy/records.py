@@ -1,0 +1,80 @@
+"""The per-request record: what was asked, what happened, and (once metered) what it cost.
+
+It never holds prompt or output text, and never an API key: only ids, labels and counts.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+# How a request ended. `ok`: the upstream answer reached the client in full (whatever its
+# HTTP status); `aborted`: the stream was cut (client gone, upstream closed or timed out
+# mid-answer); `error`: joulegate answered itself because no upstream answer could be had.
+STATUS_IN_FLIGHT = "in_flight"
+STATUS_OK = "ok"
+STATUS_ABORTED = "aborted"
+STATUS_ERROR = "error"
+
+
+@dataclass(slots=True)
+class RequestRecord:
+    id: str
+    task: str
+    model: str | None
+    tenant: str
+    streaming: bool
+    method: str
+    path: str
+    upstream: str
+    started_at: float  # Unix time, for people and reports
+    start: float  # monotonic time, the clock the meter samples on
+    end: float | None = None
+    status: str = STATUS_IN_FLIGHT
+    code: int | None = None
+    reason: str | None = None  # why a request was aborted or failed, in a few words
+    duration_seconds: float | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    images: int | None = None
+    pixels: int | None = None
+    steps: int | None = None
+    # Energy stays None until metered, and stays None when the meter could not tell.
+    energy_joules: float | None = None
+    dynamic_energy_joules: float | None = None
+    devices: dict[str, float | None] = field(default_factory=dict)
+    meter: str | None = None
+    estimate: bool = False
+
+    def finish(self, end: float, status: str, code: int, reason: str | None = None) -> None:
+        self.end = end
+        self.status = status
+        self.code = code
+        self.reason = reason
+        self.duration_seconds = max(0.0, end - self.start)
+
+    def to_json(self) -> dict[str, Any]:
+        document = asdict(self)
+        del document["start"], document["end"]
+        return document
+
+
+class RecordStore:
+    """The most recent finished records by id, bounded so memory stays flat under any load."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self.capacity = capacity
+        self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+
+    def add(self, record: RequestRecord) -> None:
+        self._records[record.id] = record
+        self._records.move_to_end(record.id)
+        while len(self._records) > self.capacity:
+            self._records.popitem(last=False)
+
+    def get(self, request_id: str) -> RequestRecord | None:
+        return self._records.get(request_id)
+
+    def __len__(self) -> int:
+        return len(self._records)

@@ -1,0 +1,45 @@
+"""Start real aiohttp servers on loopback for end-to-end tests: upstreams and joulegate itself."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from aiohttp import web
+
+from proxy.config import load_config
+from proxy.server import create_app
+
+
+@asynccontextmanager
+async def serve(app: web.Application) -> AsyncIterator[str]:
+    """Serve `app` on a free loopback port; yields its base URL."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@asynccontextmanager
+async def joulegate(upstream: str, **settings: Any) -> AsyncIterator[tuple[str, web.Application]]:
+    """joulegate in front of `upstream`, configured like `serve --config` with `settings`."""
+    config = load_config(environ={}, overrides={"upstream": upstream, **settings})
+    app = create_app(config)
+    async with serve(app) as url:
+        yield url, app
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on (the port was bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}"

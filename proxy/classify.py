@@ -40,7 +40,7 @@ class RouteTable:
     def _compile(pattern: str) -> re.Pattern[str]:
         literal_parts = re.split(r"(\{model(?::path)?\})", pattern)
         regex = "".join(
-            "(?P<model>.+)"
+            "(?P<model>.+?)"
             if part == "{model:path}"
             else "(?P<model>[^/]+)"
             if part == "{model}"

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.meter.spec import parse_spec
 from proxy.tasks import TASKS
 
 ENV_PREFIX = "JOULEGATE_"
@@ -97,6 +98,8 @@ def _str(value: Any) -> str:
 def _bool(value: Any) -> bool:
     if isinstance(value, bool):
         return value
+    if isinstance(value, int) and value in (0, 1):  # YAML reads `1` as a number, env as text
+        return bool(value)
     if isinstance(value, str) and value.strip().lower() in {"1", "true", "yes", "on"}:
         return True
     if isinstance(value, str) and value.strip().lower() in {"0", "false", "no", "off"}:
@@ -127,7 +130,7 @@ def _byte_size(value: Any) -> int:
 def _positive_float(value: Any) -> float:
     try:
         number = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"expected a positive number, got {value!r}") from None
     if isinstance(value, bool) or not number > 0 or number == float("inf"):
         raise ValueError(f"expected a positive number, got {value!r}")
@@ -139,7 +142,7 @@ def _positive_int(value: Any) -> int:
         raise ValueError(f"expected a positive integer, got {value!r}")
     try:
         number = int(str(value).strip()) if isinstance(value, str) else int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ValueError(f"expected a positive integer, got {value!r}") from None
     if number <= 0 or (isinstance(value, float) and number != value):
         raise ValueError(f"expected a positive integer, got {value!r}")
@@ -171,9 +174,21 @@ def _log_level(value: Any) -> str:
     return level
 
 
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """PyYAML's message in one line: what is wrong and where."""
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    mark = getattr(error, "problem_mark", None)
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 def _structured(value: Any) -> Any:
     """Environment variables carry lists and maps as YAML (JSON is YAML too)."""
-    return yaml.safe_load(value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    try:
+        return yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise ValueError(f"not valid YAML: {_yaml_problem(error)}") from None
 
 
 _ROUTE_PATTERN = re.compile(r"^/[^{}]*(\{model(:path)?\}[^{}]*)?$")
@@ -228,11 +243,7 @@ def _models(value: Any) -> tuple[str, ...]:
 
 def _meter(value: Any) -> str:
     spec = _str(value)
-    name = spec.partition(":")[0]
-    if name not in {"auto", "nvml", "cpu", "synthetic", "trace"}:
-        raise ValueError(
-            f"expected auto, nvml[:DEVICES], cpu, synthetic:WATTS or trace:FILE, got {value!r}"
-        )
+    parse_spec(spec)  # the meter's own parser: one grammar, one message
     return spec
 
 
@@ -255,6 +266,8 @@ assert set(FIELDS) == {f.name for f in dataclasses.fields(Config)}
 
 
 def _parse(key: str, value: Any) -> Any:
+    if key not in FIELDS:
+        raise ConfigError(key, f"unknown setting (known: {', '.join(FIELDS)})")
     try:
         return FIELDS[key](value)
     except ValueError as error:
@@ -274,8 +287,12 @@ def load_config(
             document = yaml.safe_load(Path(path).read_text())
         except OSError as error:
             raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError("config", f"{path} is not UTF-8 text") from None
         except yaml.YAMLError as error:
-            raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
+            raise ConfigError(
+                "config", f"{path} is not valid YAML: {_yaml_problem(error)}"
+            ) from None
         if document is None:
             document = {}
         if not isinstance(document, dict):

@@ -50,7 +50,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         from proxy.server import run
 
-        run(config)
+        try:
+            run(config)
+        except ConfigError as error:  # found only once the meter is open (e.g. `devices`)
+            print(f"joulegate: configuration error: {error}", file=sys.stderr)
+            return 2
     return 0
 
 

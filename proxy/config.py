@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from proxy.meter.spec import parse_spec
+from proxy.sampler import MAX_INTERVAL, MIN_INTERVAL
 from proxy.tasks import TASKS
 
 ENV_PREFIX = "JOULEGATE_"
@@ -60,6 +61,13 @@ class Config:
     upstream: str = "http://127.0.0.1:8000"
     listen: str = "127.0.0.1:8080"
     meter: str = "auto"
+    sample_interval_seconds: float = 0.05
+    # The meter's devices that serve this upstream (labels such as gpu0); empty: all of them.
+    devices: tuple[str, ...] = ()
+    # Fixed idle power per device for dynamic energy; None: learned while nothing is in flight.
+    idle_watts: float | None = None
+    cpu_watts_per_core: float = 10.0
+    cpu_pid: int | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 300.0
@@ -149,6 +157,19 @@ def _positive_int(value: Any) -> int:
     return number
 
 
+def _sample_interval(value: Any) -> float:
+    interval = _positive_float(value)
+    if not MIN_INTERVAL <= interval <= MAX_INTERVAL:
+        raise ValueError(f"expected {MIN_INTERVAL} to {MAX_INTERVAL} seconds, got {value!r}")
+    return interval
+
+
+def _non_negative_float(value: Any) -> float:
+    if value in (0, "0"):
+        return 0.0
+    return _positive_float(value)
+
+
 def _upstream(value: Any) -> str:
     url = _str(value).rstrip("/")
     parts = urlsplit(url)
@@ -232,12 +253,14 @@ def _api_keys(value: Any) -> dict[str, str]:
     return keys
 
 
-def _models(value: Any) -> tuple[str, ...]:
+def _names(value: Any) -> tuple[str, ...]:
     value = _structured(value)
     if value is None:
         return ()
+    if isinstance(value, str):  # `gpu0,gpu1` from a flag or variable
+        value = [part.strip() for part in value.split(",") if part.strip()]
     if not isinstance(value, list) or not all(isinstance(m, str) and m for m in value):
-        raise ValueError("expected a list of model names")
+        raise ValueError("expected a list of names")
     return tuple(value)
 
 
@@ -251,6 +274,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "upstream": _upstream,
     "listen": _listen,
     "meter": _meter,
+    "sample_interval_seconds": _sample_interval,
+    "devices": _names,
+    "idle_watts": _non_negative_float,
+    "cpu_watts_per_core": _positive_float,
+    "cpu_pid": _positive_int,
     "max_body_bytes": _byte_size,
     "connect_timeout_seconds": _positive_float,
     "read_timeout_seconds": _positive_float,
@@ -258,7 +286,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "inject_stream_usage": _bool,
     "routes": _routes,
     "api_keys": _api_keys,
-    "models": _models,
+    "models": _names,
     "max_models": _positive_int,
     "log_level": _log_level,
 }

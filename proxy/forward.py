@@ -27,6 +27,12 @@ from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
 
 REQUEST_ID_HEADER = "X-Request-Id"
+# `X-Joulegate-Energy: inline` asks for the request's energy in its answer: a header on a
+# whole answer, a last `joulegate.energy` event on an SSE stream. It costs up to one sampling
+# interval of latency, so it is off by default.
+INLINE_ENERGY_HEADER = "X-Joulegate-Energy"
+ENERGY_HEADER = "X-Energy-Joules"
+_INLINE_ENERGY_WAIT_SECONDS = 5.0
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -113,7 +119,7 @@ class Forwarder:
 
     def _request_id(self, request: web.Request) -> str:
         offered = request.headers.get(REQUEST_ID_HEADER, "")
-        if _SANE_REQUEST_ID.fullmatch(offered) and offered not in self.recorder.in_flight:
+        if _SANE_REQUEST_ID.fullmatch(offered) and not self.recorder.knows(offered):
             return offered
         return uuid.uuid4().hex
 
@@ -181,7 +187,7 @@ class Forwarder:
         finally:
             if record.end is None:  # an unexpected exception: still recorded, never lost
                 record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
-            self.recorder.finished(record)
+            self.recorder.ended(record)
 
     def _failed(self, record: RequestRecord, response: web.Response, reason: str) -> web.Response:
         record.finish(time.monotonic(), STATUS_ERROR, response.status, reason)
@@ -244,19 +250,28 @@ class Forwarder:
             id_header,
         )
 
-    def _whole_answer(
+    async def _energy_of(self, record: RequestRecord) -> RequestRecord:
+        """End the record now and wait for its energy, for answers that carry it inline."""
+        self.recorder.ended(record)
+        return await self.recorder.settled(record, _INLINE_ENERGY_WAIT_SECONDS)
+
+    async def _whole_answer(
         self,
         upstream: aiohttp.ClientResponse,
         body: bytes,
         record: RequestRecord,
         keep_json: bool,
         headers: CIMultiDict[str],
+        inline_energy: bool,
     ) -> web.Response:
         """A small answer of known length, read whole: one write to the client, and an upstream
         failure while reading it can still be answered with a proper 502 or 504."""
         if keep_json:
             _read_usage(record, body)
         record.finish(time.monotonic(), STATUS_OK, upstream.status)
+        if inline_energy:
+            settled = await self._energy_of(record)
+            headers[ENERGY_HEADER] = _joules(settled.energy_joules)
         return web.Response(
             status=upstream.status, reason=upstream.reason, headers=headers, body=body
         )
@@ -269,6 +284,7 @@ class Forwarder:
         strip_usage_chunk: bool,
         id_header: dict[str, str],
     ) -> web.StreamResponse:
+        inline_energy = request.headers.get(INLINE_ENERGY_HEADER, "").lower() == "inline"
         content_type = upstream.headers.get("Content-Type", "").lower()
         encoded = upstream.headers.get("Content-Encoding", "identity").lower() != "identity"
         sse = None
@@ -282,7 +298,10 @@ class Forwarder:
         length = upstream.content_length
         whole = sse is None and length is not None and length <= _WHOLE_ANSWER_BYTES
         if whole and request.method != "HEAD":
-            return self._whole_answer(upstream, await upstream.read(), record, keep_json, headers)
+            body = await upstream.read()
+            return await self._whole_answer(
+                upstream, body, record, keep_json, headers, inline_energy
+            )
         response = web.StreamResponse(
             status=upstream.status, reason=upstream.reason, headers=headers
         )
@@ -314,17 +333,37 @@ class Forwarder:
         elif collected:
             _read_usage(record, bytes(collected))
         record.finish(time.monotonic(), status, upstream.status, reason)
-        if status == STATUS_OK or reason == "client disconnected":
-            if status == STATUS_OK:
-                await response.write_eof()
+        if reason == "client disconnected":
             return response
-        if response.content_length is not None:
+        if status == STATUS_OK:
+            if inline_energy and sse is not None:
+                settled = await self._energy_of(record)
+                await response.write(_energy_event(settled))
+            await response.write_eof()
+        elif response.content_length is not None:
             # A promised length cannot be kept: closing tells the client the body is short.
             if request.transport is not None:
                 request.transport.close()
         else:
             await response.write_eof()  # a chunked stream ends cleanly
         return response
+
+
+def _joules(value: float | None) -> str:
+    return "unknown" if value is None else f"{value:.6f}"
+
+
+def _energy_event(record: RequestRecord) -> bytes:
+    """The last SSE event of a stream whose client asked for its energy inline."""
+    document = {
+        "id": record.id,
+        "energy_joules": record.energy_joules,
+        "dynamic_energy_joules": record.dynamic_energy_joules,
+        "devices": record.devices,
+        "meter": record.meter,
+        "estimate": record.estimate,
+    }
+    return b"event: joulegate.energy\ndata: " + json.dumps(document).encode() + b"\n\n"
 
 
 def _read_usage(record: RequestRecord, body: bytes) -> None:

@@ -6,14 +6,27 @@ unbounded series.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 
+from proxy.attribution import Attributor
+from proxy.meter.base import Meter
 from proxy.records import RequestRecord
+from proxy.sampler import Sampler
+
+# `_created` series double every counter's series count and no dashboard here reads them.
+disable_created_metrics()
 
 OTHER = "other"
 UNKNOWN_MODEL = "unknown"
+# 0.1 J (a short classification) to 100 kJ (a large image batch), three buckets a decade.
+ENERGY_BUCKETS = (
+    *(round(mantissa * 10.0**exponent, 10) for exponent in range(-1, 5) for mantissa in (1, 2, 5)),
+    1e5,
+)
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -81,10 +94,49 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.request_energy = Histogram(
+            "joulegate_request_energy_joules",
+            "Energy attributed to each request (its share of all device energy while it ran).",
+            ["task", "model", "tenant"],
+            buckets=ENERGY_BUCKETS,
+            registry=self.registry,
+        )
+        self.energy = Counter(
+            "joulegate_energy_joules",
+            "Energy attributed to requests.",
+            ["task", "model", "tenant"],
+            registry=self.registry,
+        )
+        self.dynamic_energy = Counter(
+            "joulegate_dynamic_energy_joules",
+            "Energy attributed to requests above the devices' idle baseline.",
+            ["task", "model", "tenant"],
+            registry=self.registry,
+        )
+        self.metered_requests = Counter(
+            "joulegate_metered_requests",
+            "Finished requests by the quality of their energy figure: measured, estimate"
+            " (interpolated or from an estimating meter) or unknown (a device was unreadable).",
+            ["task", "quality"],
+            registry=self.registry,
+        )
+
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""
         model = self.guard.model(record.model, record.code)
         tenant = self.guard.tenant(record.tenant)
+        if record.meter is not None:
+            if record.energy_joules is None:
+                quality = "unknown"
+            else:
+                quality = "estimate" if record.estimate else "measured"
+                self.request_energy.labels(record.task, model, tenant).observe(record.energy_joules)
+                self.energy.labels(record.task, model, tenant).inc(record.energy_joules)
+            if record.dynamic_energy_joules is not None:
+                self.dynamic_energy.labels(record.task, model, tenant).inc(
+                    record.dynamic_energy_joules
+                )
+            self.metered_requests.labels(record.task, quality).inc()
         self.requests.labels(record.task, model, tenant, str(record.code)).inc()
         if record.duration_seconds is not None:
             self.duration.labels(record.task, model).observe(record.duration_seconds)
@@ -94,3 +146,70 @@ class Metrics:
             self.tokens.labels(record.task, model, tenant, "output").inc(record.output_tokens)
         if record.images:
             self.images.labels(model, tenant).inc(record.images)
+
+
+class DeviceCollector(Collector):
+    """Device-level series, read from the meter, sampler and attributor at scrape time.
+
+    Reading at scrape time (rather than pushing from the sampler thread) keeps every value
+    consistent with one moment and keeps the sampler free of Prometheus.
+    """
+
+    def __init__(self, meter: Meter, sampler: Sampler, attributor: Attributor) -> None:
+        self.meter = meter
+        self.sampler = sampler
+        self.attributor = attributor
+
+    def collect(self) -> Iterator[Metric]:
+        device_energy = CounterMetricFamily(
+            "joulegate_device_energy_joules",
+            "Energy metered on each device since joulegate started.",
+            labels=["device", "meter"],
+        )
+        for device, joules in self.attributor.metered.items():
+            device_energy.add_metric([device, self.meter.name], joules)
+        yield device_energy
+        unattributed = CounterMetricFamily(
+            "joulegate_unattributed_energy_joules",
+            "Metered energy with no request in flight on the device (idle).",
+            labels=["device"],
+        )
+        for device, joules in self.attributor.unattributed.items():
+            unattributed.add_metric([device], joules)
+        yield unattributed
+        power = GaugeMetricFamily(
+            "joulegate_device_power_watts",
+            "Average device power over the last counter update period.",
+            labels=["device"],
+        )
+        for device, watts in self.sampler.power_watts().items():
+            if watts is not None:  # unknown is absent, never 0
+                power.add_metric([device], watts)
+        yield power
+        up = GaugeMetricFamily(
+            "joulegate_meter_up",
+            "1 when the meter read every device at its last sample, else 0.",
+            labels=["meter"],
+        )
+        up.add_metric([self.meter.name], 1.0 if self.meter.up else 0.0)
+        yield up
+        estimate = GaugeMetricFamily(
+            "joulegate_meter_estimate",
+            "1 when the meter estimates energy (CPU time x power) instead of measuring it.",
+            labels=["meter"],
+        )
+        estimate.add_metric([self.meter.name], 1.0 if self.meter.estimate else 0.0)
+        yield estimate
+        snapshot = self.sampler.snapshot()
+        samples = CounterMetricFamily(
+            "joulegate_meter_samples", "Meter readings taken by the sampler.", labels=["meter"]
+        )
+        samples.add_metric([self.meter.name], float(snapshot["samples"]))  # type: ignore[arg-type]
+        yield samples
+        errors = CounterMetricFamily(
+            "joulegate_meter_read_errors",
+            "Meter readings that failed for at least one device.",
+            labels=["meter"],
+        )
+        errors.add_metric([self.meter.name], float(snapshot["read_errors"]))  # type: ignore[arg-type]
+        yield errors

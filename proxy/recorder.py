@@ -1,32 +1,132 @@
-"""Where request records go: the HTTP layer reports starts and ends; outputs get them finished."""
+"""Where request records go between the HTTP layer and the outputs.
+
+The HTTP layer reports when a request starts being served and when it ends; the meter's
+readings arrive from the sampler (through the event loop). A record is published (metrics,
+the record store, the access log) once a reading at or after its end has been attributed, so
+its energy is final. Without an attributor, records are published as soon as they end.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
+from collections.abc import Callable
 
+from proxy.attribution import Attribution, Attributor, Span
+from proxy.meter.base import Reading
 from proxy.metrics import Metrics
-from proxy.records import RecordStore, RequestRecord
+from proxy.records import STATUS_ABORTED, RecordStore, RequestRecord
 
 access_log = logging.getLogger("joulegate.access")
+log = logging.getLogger("joulegate")
 
 
 class Recorder:
-    def __init__(self, metrics: Metrics, store: RecordStore) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        store: RecordStore,
+        attributor: Attributor | None = None,
+        *,
+        meter_name: str | None = None,
+        devices: frozenset[str] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.store = store
+        self.attributor = attributor
+        self.meter_name = meter_name
+        self.devices = devices
         self.in_flight: dict[str, RequestRecord] = {}
+        self.pending: dict[str, RequestRecord] = {}  # ended, waiting for their energy
+        self._waiters: dict[str, list[asyncio.Future[RequestRecord]]] = {}
+
+    def attach(
+        self, attributor: Attributor, meter_name: str, devices: frozenset[str] | None
+    ) -> None:
+        """Start metering: from now on records wait for their energy before publication."""
+        self.attributor = attributor
+        self.meter_name = meter_name
+        self.devices = devices
+
+    def knows(self, request_id: str) -> bool:
+        """Whether a request with this id is in flight or waiting for its energy."""
+        return request_id in self.in_flight or request_id in self.pending
 
     def started(self, record: RequestRecord) -> None:
+        """The request starts being served now (after its body was read and classified)."""
         self.in_flight[record.id] = record
+        if self.attributor is not None:
+            self.attributor.start(Span(record.id, time.monotonic(), devices=self.devices))
 
-    def finished(self, record: RequestRecord) -> None:
-        self.in_flight.pop(record.id, None)
+    def ended(self, record: RequestRecord) -> None:
+        """The request is over (`record.finish` was called); its energy settles soon."""
+        if self.in_flight.pop(record.id, None) is None:
+            return
+        assert record.end is not None, "ended() before record.finish()"
+        if self.attributor is None:
+            self._publish(record)
+            return
+        self.pending[record.id] = record
+        self.attributor.end(record.id, record.end)
+
+    async def settled(self, record: RequestRecord, timeout: float) -> RequestRecord:
+        """Wait until the record is published with its energy (for inline energy answers)."""
+        if record.id not in self.pending:
+            return record
+        future: asyncio.Future[RequestRecord] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(record.id, []).append(future)
+        try:
+            return await asyncio.wait_for(future, timeout)
+        except TimeoutError:
+            return record
+
+    def on_reading(self, reading: Reading) -> None:
+        """A meter reading, on the event loop's thread: settle energy, publish what is final."""
+        if self.attributor is None:
+            return
+        try:
+            self.attributor.add_reading(reading)
+        except ValueError:
+            log.exception("reading rejected by the attributor")
+            return
+        for attribution in self.attributor.pop_finished():
+            record = self.pending.pop(attribution.request_id, None)
+            if record is not None:
+                self._apply(record, attribution)
+                self._publish(record)
+
+    def drain(self, read: Callable[[], Reading] | None) -> None:
+        """On the way out: end what is still in flight, settle with one last reading, then
+        publish whatever is left with unknown energy rather than not at all."""
+        for record in list(self.in_flight.values()):
+            if record.end is None:
+                record.finish(time.monotonic(), STATUS_ABORTED, record.code or 503, "shut down")
+            self.ended(record)
+        if read is not None and self.pending:
+            self.on_reading(read())
+        for record in list(self.pending.values()):
+            del self.pending[record.id]
+            record.meter = self.meter_name
+            self._publish(record)
+
+    def _apply(self, record: RequestRecord, attribution: Attribution) -> None:
+        record.meter = self.meter_name
+        record.energy_joules = attribution.energy_joules
+        record.dynamic_energy_joules = attribution.dynamic_energy_joules
+        record.devices = dict(attribution.per_device)
+        record.estimate = attribution.estimate
+
+    def _publish(self, record: RequestRecord) -> None:
         self.metrics.observe(record)
         self.store.add(record)
+        for future in self._waiters.pop(record.id, ()):
+            if not future.done():
+                future.set_result(record)
         if access_log.isEnabledFor(logging.INFO):
             # Ids, labels and counts only: never a query string, a body or a key.
             access_log.info(
-                "%s %s %s %s %.3fs task=%s model=%s tenant=%s status=%s",
+                "%s %s %s %s %.3fs task=%s model=%s tenant=%s status=%s energy_j=%s",
                 record.id,
                 record.method,
                 record.path,
@@ -36,4 +136,5 @@ class Recorder:
                 record.model,
                 record.tenant,
                 record.status,
+                "unknown" if record.energy_joules is None else f"{record.energy_joules:.3f}",
             )

@@ -4,36 +4,48 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
+from proxy.attribution import Attributor
 from proxy.classify import Classifier
-from proxy.config import Config
+from proxy.config import Config, ConfigError
 from proxy.forward import Forwarder
-from proxy.metrics import LabelGuard, Metrics
+from proxy.meter import Meter, open_meter
+from proxy.metrics import DeviceCollector, LabelGuard, Metrics
 from proxy.recorder import Recorder
 from proxy.records import RecordStore
+from proxy.sampler import Sampler
 
 log = logging.getLogger("joulegate")
 
 RECORDER = web.AppKey("recorder", Recorder)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 CONFIG = web.AppKey("config", Config)
+SAMPLER = web.AppKey("sampler", Sampler)
 
 
 async def health(request: web.Request) -> web.Response:
+    """Liveness: joulegate answers while its meter is down (traffic keeps flowing), and says so."""
     config = request.app[CONFIG]
     recorder = request.app[RECORDER]
-    return web.json_response(
-        {
-            "status": "ok",
-            "version": __version__,
-            "upstream": config.upstream,
-            "in_flight": len(recorder.in_flight),
-        }
-    )
+    document: dict[str, object] = {
+        "status": "ok",
+        "version": __version__,
+        "upstream": config.upstream,
+        "in_flight": len(recorder.in_flight),
+        "awaiting_energy": len(recorder.pending),
+        "meter": None,
+    }
+    if SAMPLER in request.app:
+        sampler = request.app[SAMPLER]
+        document["meter"] = sampler.meter.describe()
+        document["sampler"] = sampler.snapshot()
+        document["power_watts"] = sampler.power_watts()
+    return web.json_response(document)
 
 
 async def request_record(request: web.Request) -> web.Response:
@@ -59,12 +71,22 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
-def create_app(config: Config) -> web.Application:
-    """The whole proxy as an aiohttp application, ready for `web.AppRunner` or `run_app`."""
+def _open_meter(config: Config) -> Meter:
+    return open_meter(
+        config.meter, cpu_watts_per_core=config.cpu_watts_per_core, cpu_pid=config.cpu_pid
+    )
+
+
+def create_app(config: Config, *, meter: Meter | None = None) -> web.Application:
+    """The whole proxy as an aiohttp application, ready for `web.AppRunner` or `run_app`.
+
+    The meter named by `config.meter` is opened at start-up; `meter` replaces it (tests hand
+    in meters over a fake NVML)."""
     guard = LabelGuard(config.tenants, config.models, config.max_models)
     recorder = Recorder(Metrics(guard), RecordStore())
     forwarder = Forwarder(config, Classifier(config.routes, config.api_keys), recorder)
 
+    given_meter = meter
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[RECORDER] = recorder
@@ -75,6 +97,32 @@ def create_app(config: Config) -> web.Application:
         yield
         await forwarder.close()
 
+    async def metering(app: web.Application):  # type: ignore[no-untyped-def]
+        loop = asyncio.get_running_loop()
+        meter = given_meter or await loop.run_in_executor(None, partial(_open_meter, config))
+        unknown = set(config.devices) - set(meter.devices)
+        if unknown:
+            meter.close()
+            raise ConfigError(
+                "devices", f"{sorted(unknown)} not among the meter's {list(meter.devices)}"
+            )
+        attributor = Attributor.for_meter(meter, idle_watts=config.idle_watts)
+        recorder.attach(attributor, meter.name, frozenset(config.devices) or None)
+        sampler = Sampler(
+            meter,
+            config.sample_interval_seconds,
+            on_reading=lambda reading: loop.call_soon_threadsafe(recorder.on_reading, reading),
+        )
+        app[SAMPLER] = sampler
+        recorder.metrics.registry.register(DeviceCollector(meter, sampler, attributor))
+        log.info("meter %s: devices %s, up=%s", meter.name, list(meter.devices), meter.up)
+        sampler.start()
+        yield
+        await loop.run_in_executor(None, sampler.stop)
+        recorder.drain(meter.read)
+        meter.close()
+
+    app.cleanup_ctx.append(metering)
     app.cleanup_ctx.append(pool)
     app.router.add_get("/joulegate/health", health)
     app.router.add_get("/joulegate/requests/{id}", request_record)

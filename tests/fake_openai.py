@@ -77,7 +77,11 @@ async def _generate(request: web.Request, kind: str) -> web.StreamResponse:
     for index, word in enumerate(words):
         last = index == len(words) - 1
         if kind == "chat":
-            choice = {"index": 0, "delta": {"content": word}, "finish_reason": "stop" if last else None}
+            choice = {
+                "index": 0,
+                "delta": {"content": word},
+                "finish_reason": "stop" if last else None,
+            }
         else:
             choice = {"index": 0, "text": word, "finish_reason": "stop" if last else None}
         await response.write(_chunk(kind, model, choice, usage_field))

@@ -9,6 +9,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy.config import load_config
+from proxy.meter import Meter
 from proxy.server import create_app
 
 
@@ -27,12 +28,30 @@ async def serve(app: web.Application) -> AsyncIterator[str]:
 
 
 @asynccontextmanager
-async def joulegate(upstream: str, **settings: Any) -> AsyncIterator[tuple[str, web.Application]]:
-    """joulegate in front of `upstream`, configured like `serve --config` with `settings`."""
+async def joulegate(
+    upstream: str, meter_instance: Meter | None = None, **settings: Any
+) -> AsyncIterator[tuple[str, web.Application]]:
+    """joulegate in front of `upstream`, configured like `serve --config` with `settings`
+    (the synthetic meter at 100 W unless `meter_instance` or a `meter` spec is given)."""
+    settings.setdefault("meter", "synthetic:100")
     config = load_config(environ={}, overrides={"upstream": upstream, **settings})
-    app = create_app(config)
+    app = create_app(config, meter=meter_instance)
     async with serve(app) as url:
         yield url, app
+
+
+async def settled(app: web.Application, timeout: float = 5.0) -> None:
+    """Wait until every request joulegate saw is published: the meter read past its end."""
+    import asyncio
+
+    from proxy.server import RECORDER
+
+    recorder = app[RECORDER]
+    deadline = asyncio.get_running_loop().time() + timeout
+    while recorder.pending or recorder.in_flight:
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"{len(recorder.pending)} records never settled")
+        await asyncio.sleep(0.01)
 
 
 def closed_port_url() -> str:

@@ -307,7 +307,6 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("api_keys", {DIGEST_A: "team a!"}),
     ("api_keys", {DIGEST_A: ""}),
     ("api_keys", ["sk-raw"]),
-    ("models", "gpt2"),
     ("models", {"gpt2": 1}),
     ("models", [1, 2]),
     ("models", [""]),
@@ -354,8 +353,12 @@ BAD_ENVIRONMENT = [
     ("routes", "[{path: /v1/x, task: embeddings, weight: 2}]"),
     ("routes", "/v1/x"),
     ("api_keys", "{sk-raw-secret: team-a}"),
-    ("models", "gpt2"),
     ("models", "{a: b}"),
+    ("devices", "[1, 2]"),
+    ("sample_interval_seconds", "2"),
+    ("sample_interval_seconds", "0.001"),
+    ("idle_watts", "-5"),
+    ("cpu_pid", "0"),
     ("max_models", "-3"),
     ("log_level", "loud"),
 ]
@@ -503,3 +506,9 @@ def test_cli_invalid_yaml_file_exits_2_with_one_line(
     lines = capsys.readouterr().err.splitlines()
     assert len(lines) == 1
     assert "config" in lines[0]
+
+
+def test_comma_separated_names_are_lists() -> None:
+    config = load_config(environ={"JOULEGATE_MODELS": "gpt2, llama", "JOULEGATE_DEVICES": "gpu1"})
+    assert config.models == ("gpt2", "llama")
+    assert config.devices == ("gpu1",)

@@ -13,7 +13,7 @@ from yarl import URL
 
 from proxy.server import RECORDER
 from tests.fake_openai import SEEN, create_fake_openai
-from tests.servers import closed_port_url, joulegate, serve
+from tests.servers import closed_port_url, joulegate, serve, settled
 
 
 def _echo_app() -> web.Application:
@@ -74,9 +74,12 @@ async def test_non_json_body_is_forwarded_untouched_and_classified_by_route() ->
 
 
 async def test_large_bodies_pass_and_oversized_bodies_get_413() -> None:
-    async with serve(_echo_app()) as upstream, joulegate(upstream, max_body_bytes=4096) as (
-        proxy,
-        app,
+    async with (
+        serve(_echo_app()) as upstream,
+        joulegate(upstream, max_body_bytes=4096) as (
+            proxy,
+            app,
+        ),
     ):
         async with aiohttp.ClientSession() as client:
             async with client.post(proxy + "/v1/embeddings", data=b"x" * 4096) as response:
@@ -122,9 +125,12 @@ async def test_slow_upstream_gives_504() -> None:
 
     upstream_app = web.Application()
     upstream_app.router.add_post("/v1/chat/completions", slow)
-    async with serve(upstream_app) as upstream, joulegate(upstream, read_timeout_seconds=0.2) as (
-        proxy,
-        app,
+    async with (
+        serve(upstream_app) as upstream,
+        joulegate(upstream, read_timeout_seconds=0.2) as (
+            proxy,
+            app,
+        ),
     ):
         async with aiohttp.ClientSession() as client:
             async with client.post(proxy + "/v1/chat/completions", json={}) as response:
@@ -319,9 +325,12 @@ async def test_usage_is_injected_for_streams_and_the_extra_chunk_stripped() -> N
 
 async def test_usage_injection_can_be_turned_off() -> None:
     upstream_app = create_fake_openai()
-    async with serve(upstream_app) as upstream, joulegate(upstream, inject_stream_usage=False) as (
-        proxy,
-        app,
+    async with (
+        serve(upstream_app) as upstream,
+        joulegate(upstream, inject_stream_usage=False) as (
+            proxy,
+            app,
+        ),
     ):
         async with aiohttp.ClientSession() as client:
             request = {"model": "tiny", "stream": True, "messages": []}
@@ -373,6 +382,7 @@ async def test_openai_sdk_works_unchanged_through_the_proxy() -> None:
         await sdk.close()
 
         recorder = app[RECORDER]
+        await settled(app)
         tasks = sorted(record.task for record in recorder.store._records.values())
     assert tasks == ["embeddings"] + ["text-generation"] * 5
 
@@ -382,9 +392,13 @@ async def test_metrics_count_requests_with_bounded_labels() -> None:
     from proxy.classify import key_digest
 
     upstream_app = create_fake_openai()
-    async with serve(upstream_app) as upstream, joulegate(
-        upstream, api_keys={key_digest(tenant_key): "team-a"}, max_models=2
-    ) as (proxy, _):
+    async with (
+        serve(upstream_app) as upstream,
+        joulegate(upstream, api_keys={key_digest(tenant_key): "team-a"}, max_models=2) as (
+            proxy,
+            app,
+        ),
+    ):
         async with aiohttp.ClientSession() as client:
             for model in ["m1", "m2", "m3", "m4"]:
                 async with client.post(
@@ -399,6 +413,7 @@ async def test_metrics_count_requests_with_bounded_labels() -> None:
                 headers={"Authorization": "Bearer sk-unknown"},
             ) as response:
                 assert response.status == 200
+            await settled(app)
             async with client.get(proxy + "/metrics") as response:
                 exposition = await response.text()
             async with client.get(proxy + "/joulegate/health") as response:

@@ -90,6 +90,10 @@ class Recorder:
         except ValueError:
             log.exception("reading rejected by the attributor")
             return
+        self._publish_finished()
+
+    def _publish_finished(self) -> None:
+        assert self.attributor is not None
         for attribution in self.attributor.pop_finished():
             record = self.pending.pop(attribution.request_id, None)
             if record is not None:
@@ -103,8 +107,10 @@ class Recorder:
             if record.end is None:
                 record.finish(time.monotonic(), STATUS_ABORTED, record.code or 503, "shut down")
             self.ended(record)
-        if read is not None and self.pending:
-            self.on_reading(read())
+        if read is not None and self.pending and self.attributor is not None:
+            # flush: settle up to this reading even if a quantised counter has not moved yet.
+            self.attributor.add_reading(read(), flush=True)
+            self._publish_finished()
         for record in list(self.pending.values()):
             del self.pending[record.id]
             record.meter = self.meter_name

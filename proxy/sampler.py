@@ -56,7 +56,8 @@ class _Stats:
     """Counters shared between the sampling thread and readers (guarded by the sampler lock)."""
 
     samples: int = 0
-    read_errors: int = 0
+    read_errors: int = 0  # reads that raised or could not read every device
+    read_exceptions: int = 0  # reads that raised (a meter bug: the contract says never)
     callback_errors: int = 0
     internal_errors: int = 0
     overruns: int = 0
@@ -177,6 +178,8 @@ class Sampler:
         with self._lock:
             self._buffer.append(reading)
             self._stats.samples += 1
+            if None in reading.joules:
+                self._stats.read_errors += 1
         callback = self.on_reading
         if callback is None:
             return
@@ -190,6 +193,7 @@ class Sampler:
         with self._lock:
             if where == "read":
                 self._stats.read_errors += 1
+                self._stats.read_exceptions += 1
             elif where == "callback":
                 self._stats.callback_errors += 1
             else:
@@ -241,6 +245,7 @@ class Sampler:
             "actual_rate_hz": rate,
             "samples": stats.samples,
             "read_errors": stats.read_errors,
+            "read_exceptions": stats.read_exceptions,
             "callback_errors": stats.callback_errors,
             "internal_errors": stats.internal_errors,
             "overruns": stats.overruns,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
 
 from aiohttp import web
@@ -129,6 +131,24 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
+
+
+@asynccontextmanager
+async def serving(
+    app: web.Application, host: str = "127.0.0.1", port: int = 0
+) -> AsyncIterator[str]:
+    """Serve `app` inside a running loop (tests, benchmarks, the demo); yields its base URL.
+
+    Handlers are cancelled when their client disconnects, as under `run`."""
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    bound_host, bound_port = runner.addresses[0][:2]
+    try:
+        yield f"http://{bound_host}:{bound_port}"
+    finally:
+        await runner.cleanup()
 
 
 def run(config: Config) -> None:

@@ -10,21 +10,9 @@ from aiohttp import web
 
 from proxy.config import load_config
 from proxy.meter import Meter
-from proxy.server import create_app
+from proxy.server import create_app, serving
 
-
-@asynccontextmanager
-async def serve(app: web.Application) -> AsyncIterator[str]:
-    """Serve `app` on a free loopback port; yields its base URL."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
+serve = serving
 
 
 @asynccontextmanager

@@ -53,6 +53,17 @@ def test_split_lone_request_gets_its_piece() -> None:
     assert shares.dynamic == {}
 
 
+def test_split_with_known_idle_gives_idle_pieces_the_baseline_and_busy_ones_the_rest() -> None:
+    # 1 s window, 100 J, idle baseline 40 W: the idle half draws 20 J, the busy half 80 J.
+    shares = split_interval(0.0, 1.0, 100.0, [Span("a", 0.5, None)], 40.0)
+    assert shares.unattributed == pytest.approx(20.0)
+    assert shares.energy == {"a": pytest.approx(80.0)}
+    assert shares.dynamic == {"a": pytest.approx(60.0)}
+    # Less energy than idle would draw is noise: one constant power, as without a baseline.
+    low = split_interval(0.0, 1.0, 30.0, [Span("a", 0.5, None)], 40.0)
+    assert low.energy == {"a": pytest.approx(15.0)} and low.unattributed == pytest.approx(15.0)
+
+
 def test_split_overlap_is_equal_and_weights_are_proportional() -> None:
     equal = split_interval(0.0, 1.0, 100.0, [Span("a", 0.0, 1.0), Span("b", 0.5, None)], None)
     assert equal.energy == {"a": pytest.approx(75.0), "b": pytest.approx(25.0)}
@@ -274,6 +285,19 @@ def test_request_is_not_final_until_the_counter_moves_past_its_end() -> None:
     assert rec.estimate is True
 
 
+def test_flush_settles_up_to_the_last_reading() -> None:
+    att = Attributor(["gpu0"], update_period=0.1)
+    att.start(Span("a", 0.0, 0.12))
+    att.add_reading(reading(0.0, 0.0))
+    att.add_reading(reading(0.1, 10.0))  # centred boundary at 0.05
+    att.add_reading(reading(0.15, 10.0))  # counter not moved: would merge
+    assert att.pop_finished() == []
+    att.add_reading(reading(0.2, 10.0), flush=True)
+    assert att.settled_until("gpu0") == 0.2
+    [rec] = att.pop_finished()
+    assert rec.energy_joules == pytest.approx(10.0)  # all 10 J fell in [0, 0.05]
+
+
 def test_flat_counter_settles_after_max_merge() -> None:
     att = Attributor(["gpu0"], update_period=0.1, max_merge=0.3)
     att.start(Span("a", 0.0, 0.2))
@@ -478,7 +502,7 @@ def replay(tl: Timeline, att: Attributor) -> tuple[list[Attribution], dict[str, 
                     if e is not None:
                         # No more than the counter moved from before its start to now.
                         bound[f"{rec.request_id}/{d}"] = (
-                            last_good[d] - good_at_start[(rec.request_id, d)]
+                            last_good.get(d, 0.0) - good_at_start[(rec.request_id, d)]
                         )
             continue
         kind, span = ev  # type: ignore[misc]
@@ -544,3 +568,28 @@ def test_dynamic_never_exceeds_energy(tl: Timeline, idle: float) -> None:
                 assert dyn is None
             else:
                 assert dyn is not None and 0 <= dyn <= e * (1 + 1e-12) + 1e-12
+
+
+def test_span_registered_after_its_life_was_settled_is_unknown() -> None:
+    att = Attributor(["gpu0"])
+    att.add_reading(reading(0.0, 0.0))
+    att.add_reading(reading(1.0, 100.0))
+    att.start(Span("late", 0.2))
+    att.end("late", 0.4)
+    att.start(Span("known-late", 0.5, 0.9))
+    recs = by_id(att.pop_finished())
+    for rid, start, end in [("late", 0.2, 0.4), ("known-late", 0.5, 0.9)]:
+        rec = recs[rid]
+        assert (rec.start, rec.end, rec.energy_joules, rec.estimate) == (start, end, None, True)
+
+
+def test_learned_idle_ignores_ramp_down_tails_and_is_bounded() -> None:
+    att = Attributor(["gpu0"], idle_window=16, idle_min_samples=4)
+    t, j = 0.0, 0.0
+    att.add_reading(reading(t, j))
+    for k in range(100):
+        watts = 200.0 if k % 4 == 0 else 50.0  # a quarter of idle intervals are hot tails
+        t, j = t + 0.1, j + watts * 0.1
+        att.add_reading(reading(t, j))
+    assert att.idle_watts("gpu0") == pytest.approx(50.0)
+    assert len(att._dev["gpu0"].idle) == 16

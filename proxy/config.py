@@ -67,6 +67,7 @@ class Config:
     # Fixed idle power per device for dynamic energy; None: learned while nothing is in flight.
     idle_watts: float | None = None
     cpu_watts_per_core: float = 10.0
+    weights: str = "equal"
     cpu_pid: int | None = None
     max_body_bytes: int = 32 * 1024 * 1024
     connect_timeout_seconds: float = 5.0
@@ -168,6 +169,15 @@ def _non_negative_float(value: Any) -> float:
     if value in (0, "0"):
         return 0.0
     return _positive_float(value)
+
+
+def _weights(value: Any) -> str:
+    from proxy.weights import POLICIES
+
+    name = _str(value)
+    if name not in POLICIES:
+        raise ValueError(f"expected one of {', '.join(POLICIES)}, got {value!r}")
+    return name
 
 
 def _upstream(value: Any) -> str:
@@ -279,6 +289,7 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "idle_watts": _non_negative_float,
     "cpu_watts_per_core": _positive_float,
     "cpu_pid": _positive_int,
+    "weights": _weights,
     "max_body_bytes": _byte_size,
     "connect_timeout_seconds": _positive_float,
     "read_timeout_seconds": _positive_float,

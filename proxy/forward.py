@@ -25,6 +25,7 @@ from proxy.errors import error_response
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
+from proxy.weights import POLICIES
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # `X-Joulegate-Energy: inline` asks for the request's energy in its answer: a header on a
@@ -97,6 +98,7 @@ class Forwarder:
         self.classifier = classifier
         self.recorder = recorder
         self.session: aiohttp.ClientSession | None = None
+        self.weigh = POLICIES[config.weights]
 
     async def open(self) -> None:
         """The upstream connection pool: keep-alive, no cookies, bytes passed as they come."""
@@ -159,7 +161,7 @@ class Forwarder:
             started_at=started_at,
             start=start,
         )
-        self.recorder.started(record)
+        self.recorder.started(record, self.weigh(classification))
         try:
             if too_large:
                 limit = self.config.max_body_bytes

@@ -53,11 +53,13 @@ class Recorder:
         """Whether a request with this id is in flight or waiting for its energy."""
         return request_id in self.in_flight or request_id in self.pending
 
-    def started(self, record: RequestRecord) -> None:
-        """The request starts being served now (after its body was read and classified)."""
+    def started(self, record: RequestRecord, weight: float = 1.0) -> None:
+        """The request starts being served now (after its body was read and classified);
+        `weight` is its claim on shared device time (see proxy.weights)."""
         self.in_flight[record.id] = record
         if self.attributor is not None:
-            self.attributor.start(Span(record.id, time.monotonic(), devices=self.devices))
+            span = Span(record.id, time.monotonic(), weight=weight, devices=self.devices)
+            self.attributor.start(span)
 
     def ended(self, record: RequestRecord) -> None:
         """The request is over (`record.finish` was called); its energy settles soon."""

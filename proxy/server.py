@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -160,7 +161,23 @@ def run(config: Config) -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     app = create_app(config)
-    log.info("joulegate %s: %s -> %s", __version__, config.listen, config.upstream)
+
+    async def announce(app: web.Application) -> None:
+        host = "127.0.0.1" if config.listen_host in ("0.0.0.0", "::") else config.listen_host
+        base = f"http://{host}:{config.listen_port}"
+        meter = app[SAMPLER].meter if SAMPLER in app else None
+        print(
+            f"joulegate {__version__} listening on {base}, forwarding to {config.upstream}\n"
+            f"  meter:   {meter.name if meter else '-'} {list(meter.devices) if meter else ''}"
+            f"{' (estimate)' if meter and meter.estimate else ''}\n"
+            f"  metrics: {base}/metrics\n"
+            f"  health:  {base}/joulegate/health\n"
+            f"  records: {base}/joulegate/requests/<X-Request-Id>",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    app.on_startup.append(announce)
     web.run_app(
         app,
         host=config.listen_host,

@@ -209,3 +209,52 @@ async def test_a_lost_gpu_gives_unknown_energy_never_zero_and_traffic_flows() ->
     assert "joulegate_request_energy_joules_count" not in exposition.replace("# ", "")
     assert health["status"] == "ok"
     assert health["meter"]["up"] is False
+
+
+async def test_requested_work_weights_split_shared_time_by_what_was_asked() -> None:
+    gate = asyncio.Barrier(2)
+    settings = {
+        "meter": f"synthetic:{WATTS}",
+        "sample_interval_seconds": INTERVAL,
+        "weights": "requested-work",
+    }
+    async with (
+        serve(_sleepy_upstream(0.4, gate)) as upstream,
+        joulegate(upstream, **settings) as (
+            proxy,
+            app,
+        ),
+    ):
+
+        async def post(max_tokens: int) -> str:
+            body = {"model": "m", "messages": [], "max_tokens": max_tokens}
+            async with client.post(proxy + "/v1/chat/completions", json=body) as response:
+                await response.read()
+                return response.headers["X-Request-Id"]
+
+        async with aiohttp.ClientSession() as client:
+            big, small = await asyncio.gather(post(768), post(256))
+        await settled(app)
+        store = app[RECORDER].store
+        big_record, small_record = store.get(big), store.get(small)
+    assert big_record is not None and small_record is not None
+    assert big_record.energy_joules is not None and small_record.energy_joules is not None
+    assert 2.7 <= big_record.energy_joules / small_record.energy_joules <= 3.1
+
+
+def test_weight_policies() -> None:
+    from proxy.classify import Classification
+    from proxy.weights import equal, requested_work
+
+    def weigh(task: str, body: dict) -> float:
+        return requested_work(Classification(task, "m", "anonymous", False, body))
+
+    assert equal(Classification("text-generation", "m", "a", False, {"max_tokens": 9})) == 1.0
+    assert weigh("text-generation", {"max_tokens": 512}) == 2.0
+    assert weigh("text-generation", {"max_completion_tokens": 128, "max_tokens": 512}) == 0.5
+    assert weigh("text-generation", {"parameters": {"max_new_tokens": 64}}) == 0.25
+    assert weigh("text-generation", {"max_tokens": "lots"}) == 1.0
+    assert weigh("image-generation", {"n": 2, "size": "1024x1024"}) == 8.0
+    assert weigh("image-generation", {"size": "512x512", "num_inference_steps": 25}) == 0.5
+    assert weigh("image-generation", {"n": 10**9}) == 64.0
+    assert weigh("embeddings", {"input": "x"}) == 1.0

@@ -118,49 +118,74 @@ def split_interval(
         and (s.end is None or s.end > t0)
         and (s.end is None or s.end > s.start)
     ]
-    cuts = {t0, t1}
-    for s in live:
-        if t0 < s.start < t1:
-            cuts.add(s.start)
-        if s.end is not None and t0 < s.end < t1:
-            cuts.add(s.end)
-    bounds = sorted(cuts)
-    pieces = [
-        (a, b, [s for s in live if s.start <= a and (s.end is None or s.end >= b)])
-        for a, b in pairwise(bounds)
-    ]
-    levels = _power_levels(t1 - t0, joules, pieces, idle_watts)
-    total_level = math.fsum(
-        (b - a) * level for (a, b, _), level in zip(pieces, levels, strict=True)
+    bounds = sorted(
+        {t0, t1}
+        | {s.start for s in live if s.start > t0}
+        | {s.end for s in live if s.end is not None and s.end < t1}
     )
+    index = {t: i for i, t in enumerate(bounds)}
+    # A sweep over the pieces: how many spans and how much weight are in flight in each.
+    pieces = len(bounds) - 1
+    count_change = [0] * (pieces + 1)
+    weight_change = [0.0] * (pieces + 1)
+    extent = []  # each span's first and past-last piece
+    for s in live:
+        first = index[max(s.start, t0)]
+        last = index[t1 if s.end is None or s.end > t1 else s.end]
+        extent.append((first, last))
+        count_change[first] += 1
+        count_change[last] -= 1
+        weight_change[first] += s.weight
+        weight_change[last] -= s.weight
+    flying, weights = [], []
+    count, weight = 0, 0.0
+    for i in range(pieces):
+        count += count_change[i]
+        weight += weight_change[i]
+        flying.append(count > 0)
+        weights.append(weight)
 
-    energy: dict[str, float] = {}
-    dynamic: dict[str, float] = {}
+    lengths = [b - a for a, b in pairwise(bounds)]
+    levels = _power_levels(t1 - t0, joules, lengths, flying, idle_watts)
+    total_level = math.fsum(length * level for length, level in zip(lengths, levels, strict=True))
+    # Energy per unit of weight, accumulated piece by piece: a span's share of the interval is
+    # its weight times the difference of this sum across its pieces (linear, not pieces x spans).
+    per_weight = [0.0]
+    extra_per_weight = [0.0]
     unattributed = 0.0
     done = 0.0  # cumulative energy of the pieces so far
     reached = 0.0  # cumulative (length x level) of the pieces so far
-    for (a, b, flying), level in zip(pieces, levels, strict=True):
-        reached += (b - a) * level
-        upto = joules if b == t1 or total_level == 0 else joules * (reached / total_level)
+    for i in range(pieces):
+        reached += lengths[i] * levels[i]
+        upto = joules if i == pieces - 1 or total_level == 0 else joules * (reached / total_level)
         piece = upto - done
         done = upto
-        if not flying:
+        if not flying[i]:
             unattributed += piece
+            per_weight.append(per_weight[-1])
+            extra_per_weight.append(extra_per_weight[-1])
             continue
-        total_weight = math.fsum(s.weight for s in flying)
-        extra = None if idle_watts is None else max(0.0, piece - idle_watts * (b - a))
-        for s in flying:
-            share = s.weight / total_weight
-            energy[s.request_id] = energy.get(s.request_id, 0.0) + piece * share
-            if extra is not None:
-                dynamic[s.request_id] = dynamic.get(s.request_id, 0.0) + extra * share
+        per_weight.append(per_weight[-1] + piece / weights[i])
+        if idle_watts is not None:
+            extra = max(0.0, piece - idle_watts * lengths[i])
+            extra_per_weight.append(extra_per_weight[-1] + extra / weights[i])
+
+    energy: dict[str, float] = {}
+    dynamic: dict[str, float] = {}
+    for s, (first, last) in zip(live, extent, strict=True):
+        if last <= first:
+            continue
+        energy[s.request_id] = s.weight * (per_weight[last] - per_weight[first])
+        if idle_watts is not None:
+            dynamic[s.request_id] = s.weight * (extra_per_weight[last] - extra_per_weight[first])
     return IntervalShares(energy=energy, dynamic=dynamic, unattributed=unattributed)
 
 
 def _power_levels(
     duration: float,
     joules: float,
-    pieces: Sequence[tuple[float, float, list[Span]]],
+    lengths: Sequence[float],
+    flying: Sequence[bool],
     idle_watts: float | None,
 ) -> list[float]:
     """Relative power of each piece: idle pieces at the idle baseline, busy ones at the rest.
@@ -172,15 +197,15 @@ def _power_levels(
     idle pieces draw the baseline, busy pieces the remainder. When the window's energy is
     below what idle would draw (noise), or nothing is known of idle, power is one constant.
     """
-    flat = [1.0] * len(pieces)
+    flat = [1.0] * len(lengths)
     if idle_watts is None:
         return flat
-    idle_time = math.fsum(b - a for a, b, flying in pieces if not flying)
+    idle_time = math.fsum(length for length, busy in zip(lengths, flying, strict=True) if not busy)
     busy_time = duration - idle_time
     if idle_time <= 0 or busy_time <= 0 or joules < idle_watts * duration:
         return flat
     busy_watts = (joules - idle_watts * idle_time) / busy_time
-    return [busy_watts if flying else idle_watts for _, _, flying in pieces]
+    return [busy_watts if busy else idle_watts for busy in flying]
 
 
 @dataclass(frozen=True, slots=True)

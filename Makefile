@@ -5,6 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-proxy
 LISTEN ?= 127.0.0.1:8080
+MODEL_LISTEN ?= 127.0.0.1:8000
+METER ?= auto
 
 .PHONY: install run demo test test-slow lint format bench clean
 
@@ -12,17 +14,23 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# torch first, pinned: on the project's machines 2.13.0 is a CPU build on local disk, where a
+# bare `torch` would fetch a multi-GB CUDA build. The extra then finds it installed.
 $(STAMP): pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[test,model-server]'
 	touch $@
 
 install: $(STAMP)
 
-# Until the model server lands, `make run` puts joulegate in front of the built-in echo upstream.
+# The model server on tiny local models (built on first run), joulegate in front of it.
 run: install
-	$(BIN)/joulegate serve --echo-upstream --listen $(LISTEN) --meter synthetic:200
+	@trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
+	JOULEGATE_TINY_MODELS=$(CURDIR)/.tiny-models $(BIN)/joulegate-model-server --listen $(MODEL_LISTEN) & server=$$!; \
+	$(BIN)/joulegate serve --upstream http://$(MODEL_LISTEN) --listen $(LISTEN) --meter $(METER)
 
-demo: run
+demo: install
+	JOULEGATE_TINY_MODELS=$(CURDIR)/.tiny-models $(BIN)/joulegate demo --meter $(METER)
 
 test: install
 	$(BIN)/ruff check .

@@ -26,11 +26,36 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("JOULEGATE_CONFIG"),
         help="YAML configuration file (also JOULEGATE_CONFIG)",
     )
+    demo = commands.add_parser(
+        "demo", help="tiny local models behind joulegate, a mixed workload, the per-task table"
+    )
+    demo.add_argument("--meter", default="auto", help="meter spec (default: auto)")
+    demo.add_argument("--listen", default="127.0.0.1:8080", help="HOST:PORT for joulegate")
+    demo.add_argument("--rounds", type=int, default=5, help="requests per task (default 5)")
+    demo.add_argument(
+        "--exit", action="store_true", help="stop after the table instead of serving on"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "demo":
+        try:
+            config = load_config(
+                environ={}, overrides={"meter": arguments.meter, "listen": arguments.listen}
+            )
+        except ConfigError as error:
+            print(f"joulegate: configuration error: {error}", file=sys.stderr)
+            return 2
+        if arguments.rounds < 1:
+            print("joulegate: configuration error: rounds: expected at least 1", file=sys.stderr)
+            return 2
+        import asyncio
+
+        from proxy.demo import run_demo
+
+        return asyncio.run(run_demo(config, arguments.rounds, not arguments.exit))
     if arguments.command == "serve":
         try:
             config = load_config(

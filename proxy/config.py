@@ -53,6 +53,10 @@ DEFAULT_ROUTES: tuple[Route, ...] = (
     Route("/v1/embeddings", "embeddings"),
     Route("/v1/audio/transcriptions", "speech-recognition"),
     Route("/v1/audio/speech", "text-to-speech"),
+    # joulegate-model-server's routes for the study's other tasks.
+    Route("/v1/classifications", "text-classification"),
+    Route("/v1/summarizations", "summarization"),
+    Route("/v1/image-classifications", "image-classification"),
 )
 
 

@@ -50,6 +50,9 @@ format: install
 
 bench: install
 	$(BIN)/python benchmarks/proxy_overhead.py
+	$(BIN)/python benchmarks/attribution_accuracy.py
+	$(BIN)/python benchmarks/gpu_check.py
+	$(BIN)/python benchmarks/gpu_tasks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -70,6 +70,10 @@ def test_default_routes_follow_design() -> None:
         "/v1/embeddings": "embeddings",
         "/v1/audio/transcriptions": "speech-recognition",
         "/v1/audio/speech": "text-to-speech",
+        # joulegate-model-server's routes for the study's other tasks
+        "/v1/classifications": "text-classification",
+        "/v1/summarizations": "summarization",
+        "/v1/image-classifications": "image-classification",
     }
     assert all(route.task in TASKS for route in DEFAULT_ROUTES)
 

@@ -23,10 +23,15 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
-# The model server on tiny local models (built on first run), joulegate in front of it.
+# The model server on tiny local models (built on first run), joulegate in front of it once
+# the models are loaded.
 run: install
 	@trap 'kill $$server 2>/dev/null' EXIT INT TERM; \
 	JOULEGATE_TINY_MODELS=$(CURDIR)/.tiny-models $(BIN)/joulegate-model-server --listen $(MODEL_LISTEN) & server=$$!; \
+	echo "waiting for the model server to load its models..."; \
+	until $(BIN)/python -c "import urllib.request as r; r.urlopen('http://$(MODEL_LISTEN)/health')" 2>/dev/null; do \
+	  kill -0 $$server 2>/dev/null || exit 1; sleep 1; \
+	done; \
 	$(BIN)/joulegate serve --upstream http://$(MODEL_LISTEN) --listen $(LISTEN) --meter $(METER)
 
 demo: install

@@ -14,16 +14,21 @@ import time
 import uuid
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
-from yarl import URL
 
 from proxy.classify import Classification, Classifier
 from proxy.config import Config
 from proxy.errors import error_response
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
+from proxy.upstream import (
+    UpstreamError,
+    UpstreamPool,
+    UpstreamRefused,
+    UpstreamResponse,
+    UpstreamTimeout,
+)
 from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
 from proxy.weights import POLICIES
 
@@ -52,7 +57,9 @@ _WHOLE_ANSWER_BYTES = 1024 * 1024
 CLIENT_CLOSED_REQUEST = 499
 
 
-def _forwardable(headers: CIMultiDictProxy[str], drop: frozenset[str]) -> CIMultiDict[str]:
+def _forwardable(
+    headers: CIMultiDict[str] | CIMultiDictProxy[str], drop: frozenset[str]
+) -> CIMultiDict[str]:
     """The headers minus hop-by-hop ones, including any the Connection header names."""
     named_by_connection = {
         token.strip().lower()
@@ -97,27 +104,21 @@ class Forwarder:
         self.config = config
         self.classifier = classifier
         self.recorder = recorder
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
         self.weigh = POLICIES[config.weights]
 
     async def open(self) -> None:
-        """The upstream connection pool: keep-alive, no cookies, bytes passed as they come."""
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=self.config.upstream_connections),
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=self.config.connect_timeout_seconds,
-                sock_read=self.config.read_timeout_seconds,
-            ),
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent", "Accept-Encoding", "Content-Type"),
-            trust_env=False,
+        """The upstream connection pool: keep-alive, bytes passed on as they come."""
+        self.pool = UpstreamPool(
+            self.config.upstream,
+            limit=self.config.upstream_connections,
+            connect_timeout=self.config.connect_timeout_seconds,
+            read_timeout=self.config.read_timeout_seconds,
         )
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     def _request_id(self, request: web.Request) -> str:
         offered = request.headers.get(REQUEST_ID_HEADER, "")
@@ -203,45 +204,42 @@ class Forwarder:
         classification: Classification,
         id_header: dict[str, str],
     ) -> web.StreamResponse:
-        assert self.session is not None, "Forwarder.open() was not awaited"
+        assert self.pool is not None, "Forwarder.open() was not awaited"
         strip_usage_chunk = False
         if self.config.inject_stream_usage and _wants_usage_injection(request.path, classification):
             assert classification.body is not None
             body = _with_usage_requested(classification.body)
             strip_usage_chunk = True
-        url = URL(self.config.upstream + request.raw_path, encoded=True)
+        upstream = None
         try:
-            async with self.session.request(
-                request.method,
-                url,
-                headers=self._upstream_headers(request, record.id),
-                data=body or None,
-                allow_redirects=False,
-            ) as upstream:
-                return await self._relay(request, upstream, record, strip_usage_chunk, id_header)
-        except aiohttp.ClientConnectorError as error:
+            upstream = await self.pool.request(
+                request.method, request.raw_path, self._upstream_headers(request, record.id), body
+            )
+            return await self._relay(request, upstream, record, strip_usage_chunk, id_header)
+        except UpstreamRefused:
             message = f"The upstream at {self.config.upstream} refused the connection."
-            if isinstance(error, aiohttp.ConnectionTimeoutError):
-                return self._failed(record, self._timeout(id_header), "upstream connect timeout")
             return self._failed(
                 record,
                 error_response(502, message, "upstream_error", "upstream_unavailable", id_header),
                 "upstream refused connection",
             )
-        except TimeoutError:
+        except UpstreamTimeout:
             return self._failed(record, self._timeout(id_header), "upstream timeout")
-        except aiohttp.ClientError as error:
+        except UpstreamError as error:
             return self._failed(
                 record,
                 error_response(
                     502,
-                    f"The upstream answered with an invalid response ({type(error).__name__}).",
+                    f"The upstream answered with an invalid response: {error}",
                     "upstream_error",
                     "bad_upstream_response",
                     id_header,
                 ),
                 "bad upstream response",
             )
+        finally:
+            if upstream is not None:
+                upstream.release()
 
     def _timeout(self, id_header: dict[str, str]) -> web.Response:
         return error_response(
@@ -259,7 +257,7 @@ class Forwarder:
 
     async def _whole_answer(
         self,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         body: bytes,
         record: RequestRecord,
         keep_json: bool,
@@ -281,7 +279,7 @@ class Forwarder:
     async def _relay(
         self,
         request: web.Request,
-        upstream: aiohttp.ClientResponse,
+        upstream: UpstreamResponse,
         record: RequestRecord,
         strip_usage_chunk: bool,
         id_header: dict[str, str],
@@ -314,7 +312,7 @@ class Forwarder:
         collected: bytearray | None = bytearray() if keep_json else None
         status, reason = STATUS_OK, None
         try:
-            async for chunk in upstream.content.iter_any():
+            async for chunk in upstream.iter_chunks():
                 if collected is not None:
                     collected += chunk
                     if len(collected) > _MAX_JSON_USAGE_BYTES:
@@ -324,9 +322,9 @@ class Forwarder:
                     await response.write(out)
             if sse is not None and (tail := sse.flush()):
                 await response.write(tail)
-        except TimeoutError:
+        except UpstreamTimeout:
             status, reason = STATUS_ABORTED, "upstream timed out mid-answer"
-        except aiohttp.ClientError:
+        except UpstreamError:
             status, reason = STATUS_ABORTED, "upstream closed mid-answer"
         except ConnectionResetError:
             status, reason = STATUS_ABORTED, "client disconnected"

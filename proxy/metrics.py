@@ -144,7 +144,7 @@ class Metrics:
             self.tokens.labels(record.task, model, tenant, "input").inc(record.input_tokens)
         if record.output_tokens:
             self.tokens.labels(record.task, model, tenant, "output").inc(record.output_tokens)
-        if record.images:
+        if record.images and record.task == "image-generation":  # not images classified
             self.images.labels(model, tenant).inc(record.images)
 
 

@@ -3,8 +3,10 @@
 For a machine with an NVIDIA GPU and torch with CUDA. It builds random-weight models of real
 size from their configs (no downloads): a GPT-2-medium LM, a Stable-Diffusion-1.5-sized
 pipeline at 512x512, BERT-base embeddings and classifier, a T5-small summariser and ViT-base.
-It serves them with the model server in-process, sends each task's requests one at a time and
-reads NVML's total-energy counter around them. It prints Wh per request per task and the ratio
+It serves them with the model server in-process behind joulegate (the `nvml` meter), sends each
+task's requests one at a time through joulegate, and reads NVML's total-energy counter around
+them as a cross-check. It prints joulegate's Wh per request per task beside the counter's
+window, and the ratio
 of image generation to text generation (Luccioni et al. 2024 found about 62x: 2.907 vs 0.047
 kWh per 1,000 inferences, on other models and settings).
 
@@ -38,7 +40,11 @@ from typing import Any
 
 import aiohttp
 
-PAPER_KWH_PER_1000 = {"text-generation": 0.047, "image-generation": 2.907}
+from proxy.config import load_config as proxy_config
+from proxy.recorder import Recorder
+from proxy.server import RECORDER, create_app, serving
+from proxy.study import study_figures
+
 TEXT = (
     "Joulegate is a reverse proxy that meters the energy of every inference request. It "
     "samples the GPU's energy counter, splits each interval between the requests in flight "
@@ -65,7 +71,8 @@ class Measurement:
     model: str
     requests: int
     seconds_per_request: float
-    wh_per_request: float | None
+    wh_per_request: float | None  # NVML's counter over the task's window, per request
+    joulegate_wh_per_request: float | None = None  # mean of joulegate's per-request records
     usage: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -87,8 +94,10 @@ class EnergyMeter:
         uuid = uuid if uuid.startswith("GPU-") else f"GPU-{uuid}"
         try:
             self._handle = pynvml.nvmlDeviceGetHandleByUUID(uuid)
+            self.selector = uuid  # what joulegate's `nvml:` meter spec takes
         except pynvml.NVMLError:
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(torch_device)
+            self.selector = str(torch_device)
         self.name = pynvml.nvmlDeviceGetName(self._handle)
 
     def joules(self) -> float:
@@ -381,57 +390,76 @@ def _photo_like_png() -> str:
 
 async def measure(
     session: aiohttp.ClientSession,
-    base_url: str,
+    proxy: str,
+    recorder: Recorder,
     workload: Workload,
     meter: EnergyMeter | None,
     warmup: int,
 ) -> Measurement:
-    """Warm up, then send the requests one after another inside one energy window."""
+    """Warm up, then send the requests one after another through joulegate, inside one
+    window of NVML's counter; joulegate's own per-request records are read afterwards."""
     body = {"model": workload.model, **workload.body}
-    url = base_url + workload.path
+    url = proxy + workload.path
     for _ in range(warmup):
         await _post(session, url, body)
     start_j = meter.joules() if meter else 0.0
     started = time.perf_counter()
     usage: dict[str, Any] = {}
+    ids = []
     for _ in range(workload.requests):
-        usage = await _post(session, url, body)
+        usage, request_id = await _post(session, url, body)
+        ids.append(request_id)
     elapsed = time.perf_counter() - started
     joules = (meter.joules() - start_j) if meter else None
+    while recorder.pending or recorder.in_flight:
+        await asyncio.sleep(0.05)
+    energies = [getattr(recorder.store.get(i), "energy_joules", None) for i in ids]
+    known = [e for e in energies if e is not None]
     return Measurement(
         task=workload.task,
         model=workload.model,
         requests=workload.requests,
         seconds_per_request=elapsed / workload.requests,
         wh_per_request=None if joules is None else joules / 3600.0 / workload.requests,
+        joulegate_wh_per_request=sum(known) / len(known) / 3600.0 if known else None,
         usage=usage,
     )
 
 
-async def _post(session: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> dict[str, Any]:
+async def _post(
+    session: aiohttp.ClientSession, url: str, body: dict[str, Any]
+) -> tuple[dict[str, Any], str]:
     async with session.post(url, json=body) as response:
         answer = await response.json()
         if response.status != 200:
             raise RuntimeError(f"{url}: {response.status} {answer}")
-    return answer.get("usage", {})
+        return answer.get("usage", {}), response.headers["X-Request-Id"]
 
 
 def report(results: list[Measurement], meter_name: str | None) -> str:
-    lines = [f"device: {meter_name or 'CPU (smoke run: no energy measured)'}", ""]
-    header = f"{'task':<22}{'model':<30}{'req':>4}{'s/req':>9}{'Wh/req':>12}{'kWh/1000':>11}  usage"
+    smoke = "CPU smoke run: joulegate on a synthetic 100 W meter, no NVML window"
+    lines = [f"device: {meter_name or smoke}", ""]
+    header = (
+        f"{'task':<22}{'model':<24}{'req':>4}{'s/req':>8}{'joulegate Wh/req':>18}"
+        f"{'NVML window Wh/req':>20}{'diff %':>8}  usage"
+    )
     lines += [header, "-" * len(header)]
     for r in results:
-        wh = "n/a" if r.wh_per_request is None else f"{r.wh_per_request:.6f}"
-        kwh = "n/a" if r.kwh_per_1000 is None else f"{r.kwh_per_1000:.4f}"
+        ours = "n/a" if r.joulegate_wh_per_request is None else f"{r.joulegate_wh_per_request:.6f}"
+        window = "n/a" if r.wh_per_request is None else f"{r.wh_per_request:.6f}"
+        diff = "n/a"
+        if r.joulegate_wh_per_request and r.wh_per_request:
+            diff = f"{100 * (r.joulegate_wh_per_request / r.wh_per_request - 1):.1f}"
         usage = ", ".join(f"{k}={v}" for k, v in r.usage.items() if isinstance(v, int))
-        timing = f"{r.requests:>4}{r.seconds_per_request:>9.3f}{wh:>12}{kwh:>11}"
-        lines.append(f"{r.task:<22}{r.model:<30}{timing}  {usage}")
+        timing = f"{r.requests:>4}{r.seconds_per_request:>8.3f}{ours:>18}{window:>20}{diff:>8}"
+        lines.append(f"{r.task:<22}{r.model:<24}{timing}  {usage}")
     by_task = {r.task: r for r in results}
     image, text = by_task.get("image-generation"), by_task.get("text-generation")
     lines.append("")
-    paper = PAPER_KWH_PER_1000["image-generation"] / PAPER_KWH_PER_1000["text-generation"]
-    if image and text and image.wh_per_request and text.wh_per_request:
-        ratio = image.wh_per_request / text.wh_per_request
+    study = study_figures()
+    paper = study["image-generation"].kwh_per_1000_mean / study["text-generation"].kwh_per_1000_mean
+    if image and text and image.joulegate_wh_per_request and text.joulegate_wh_per_request:
+        ratio = image.joulegate_wh_per_request / text.joulegate_wh_per_request
         lines.append(f"image-generation / text-generation energy per request: {ratio:.1f}x")
     elif image and text:
         ratio = image.seconds_per_request / text.seconds_per_request
@@ -464,13 +492,29 @@ async def run(args: argparse.Namespace) -> list[Measurement]:
             names = MODEL_NAMES
             meter = EnergyMeter(torch.cuda.current_device())
         server = await start(config, models=registry)
+        gateway = create_app(
+            proxy_config(
+                environ={},
+                overrides={
+                    "upstream": server.url,
+                    # the smoke run checks the plumbing with constant power
+                    "meter": "synthetic:100" if meter is None else f"nvml:{meter.selector}",
+                    "log_level": "warning",
+                },
+            )
+        )
         try:
-            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session:
+            async with (
+                serving(gateway) as proxy,
+                aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3600)) as session,
+            ):
                 results = []
                 for workload in workloads(args.requests, args.image_requests, names, args.smoke):
                     if args.tasks and workload.task not in args.tasks:
                         continue
-                    result = await measure(session, server.url, workload, meter, args.warmup)
+                    result = await measure(
+                        session, proxy, gateway[RECORDER], workload, meter, args.warmup
+                    )
                     print(
                         f"  {workload.task}: {result.seconds_per_request:.3f} s/request", flush=True
                     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -40,6 +41,16 @@ async def settled(app: web.Application, timeout: float = 5.0) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"{len(recorder.pending)} records never settled")
         await asyncio.sleep(0.01)
+
+
+def metric_series(exposition: str, name: str) -> dict[str, float]:
+    """Every sample of metric `name` in a Prometheus text exposition, by its label string."""
+    found = {}
+    for line in exposition.splitlines():
+        match = re.fullmatch(rf"{name}(\{{[^}}]*\}})? (\S+)", line)
+        if match:
+            found[match.group(1) or ""] = float(match.group(2))
+    return found
 
 
 def closed_port_url() -> str:

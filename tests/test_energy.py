@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 
 import aiohttp
 from aiohttp import web
@@ -13,7 +12,7 @@ from proxy.meter.nvml import NvmlMeter
 from proxy.server import RECORDER
 from tests.fake_openai import create_fake_openai
 from tests.fakes.fake_nvml import FakeNvml
-from tests.servers import joulegate, serve, settled
+from tests.servers import joulegate, metric_series, serve, settled
 
 WATTS = 100.0
 INTERVAL = 0.02
@@ -32,16 +31,6 @@ def _sleepy_upstream(seconds: float, gate: asyncio.Barrier | None = None) -> web
     app = web.Application()
     app.router.add_post("/v1/chat/completions", work)
     return app
-
-
-def _series(exposition: str, name: str) -> dict[str, float]:
-    """Every sample of metric `name` in a Prometheus text exposition, by its label string."""
-    found = {}
-    for line in exposition.splitlines():
-        match = re.fullmatch(rf"{name}(\{{[^}}]*\}})? (\S+)", line)
-        if match:
-            found[match.group(1) or ""] = float(match.group(2))
-    return found
 
 
 async def _post(client: aiohttp.ClientSession, url: str, **headers: str) -> str:
@@ -120,19 +109,19 @@ async def test_idle_energy_is_unattributed_and_everything_adds_up_in_metrics() -
             await settled(app)
             async with client.get(proxy + "/metrics") as response:
                 exposition = await response.text()
-    attributed = sum(_series(exposition, "joulegate_energy_joules_total").values())
-    unattributed = _series(exposition, "joulegate_unattributed_energy_joules_total")
-    device = _series(exposition, "joulegate_device_energy_joules_total")
+    attributed = sum(metric_series(exposition, "joulegate_energy_joules_total").values())
+    unattributed = metric_series(exposition, "joulegate_unattributed_energy_joules_total")
+    device = metric_series(exposition, "joulegate_device_energy_joules_total")
     assert set(unattributed) == {'{device="synthetic0"}'}
     assert set(device) == {'{device="synthetic0",meter="synthetic"}'}
     assert unattributed['{device="synthetic0"}'] >= WATTS * 0.3 * 0.9
     assert 2 * WATTS * 0.1 * 0.9 <= attributed <= 2 * WATTS * 0.1 * 1.5
     metered = device['{device="synthetic0",meter="synthetic"}']
     assert abs(attributed + unattributed['{device="synthetic0"}'] - metered) <= 1e-9 * metered
-    histogram = _series(exposition, "joulegate_request_energy_joules_count")
+    histogram = metric_series(exposition, "joulegate_request_energy_joules_count")
     assert sum(histogram.values()) == 2
-    assert _series(exposition, "joulegate_meter_up") == {'{meter="synthetic"}': 1.0}
-    power = _series(exposition, "joulegate_device_power_watts")
+    assert metric_series(exposition, "joulegate_meter_up") == {'{meter="synthetic"}': 1.0}
+    power = metric_series(exposition, "joulegate_device_power_watts")
     assert abs(power['{device="synthetic0"}'] - WATTS) < 1e-6 * WATTS
 
 
@@ -202,8 +191,8 @@ async def test_a_lost_gpu_gives_unknown_energy_never_zero_and_traffic_flows() ->
     assert record.energy_joules is None
     assert record.devices == {"gpu0": None}
     assert record.meter == "nvml"
-    assert _series(exposition, "joulegate_meter_up") == {'{meter="nvml"}': 0.0}
-    assert _series(exposition, "joulegate_metered_requests_total") == {
+    assert metric_series(exposition, "joulegate_meter_up") == {'{meter="nvml"}': 0.0}
+    assert metric_series(exposition, "joulegate_metered_requests_total") == {
         '{quality="unknown",task="embeddings"}': 1.0
     }
     assert "joulegate_request_energy_joules_count" not in exposition.replace("# ", "")

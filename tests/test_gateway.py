@@ -26,9 +26,10 @@ import openai
 import pytest
 from aiohttp import web
 
+from model_server.config import TASKS
 from proxy.records import STATUS_ABORTED, STATUS_OK, RequestRecord
 from proxy.server import RECORDER
-from tests.servers import joulegate, settled
+from tests.servers import joulegate, metric_series, settled
 
 if TYPE_CHECKING:
     from model_server.app import RunningServer
@@ -54,14 +55,6 @@ CHAT = [{"role": "user", "content": "Hello! How are you today?"}]
 IGNORE_EOS = {"ignore_eos": True}
 SETTINGS = {"meter": "synthetic:100", "sample_interval_seconds": 0.02}
 HOLD_TIMEOUT = 10.0  # how long a wait may take before the test fails (only on failure)
-TASKS = (
-    "text-generation",
-    "image-generation",
-    "embeddings",
-    "text-classification",
-    "summarization",
-    "image-classification",
-)
 
 
 def new_id() -> str:
@@ -135,16 +128,6 @@ def assert_metered(record: RequestRecord, task: str, model: str, code: int = 200
     assert record.meter == "synthetic"
     assert record.energy_joules is not None and record.energy_joules > 0
     assert record.devices.keys() == {"synthetic0"}
-
-
-def series(exposition: str, name: str) -> dict[str, float]:
-    """Every sample of metric ``name`` in a Prometheus text exposition, by its label string."""
-    found = {}
-    for line in exposition.splitlines():
-        match = re.fullmatch(rf"{name}(\{{[^}}]*\}})? (\S+)", line)
-        if match:
-            found[match.group(1) or ""] = float(match.group(2))
-    return found
 
 
 def labels(label_string: str) -> dict[str, str]:
@@ -560,7 +543,7 @@ async def test_metrics_after_a_mix_of_every_task_add_up(gateway: Gateway) -> Non
 
     requests = {
         tuple(sorted(labels(key).items())): value
-        for key, value in series(exposition, "joulegate_requests_total").items()
+        for key, value in metric_series(exposition, "joulegate_requests_total").items()
     }
     by_task: dict[str, float] = {}
     for key, value in requests.items():
@@ -577,9 +560,9 @@ async def test_metrics_after_a_mix_of_every_task_add_up(gateway: Gateway) -> Non
     assert models == {LM, SD, EMBEDDER, CLASSIFIER, SUMMARIZER, VIT, "other"}
 
     # Conservation: attributed + unattributed = metered, on the device, to float precision.
-    attributed = math.fsum(series(exposition, "joulegate_energy_joules_total").values())
-    unattributed = series(exposition, "joulegate_unattributed_energy_joules_total")
-    device = series(exposition, "joulegate_device_energy_joules_total")
+    attributed = math.fsum(metric_series(exposition, "joulegate_energy_joules_total").values())
+    unattributed = metric_series(exposition, "joulegate_unattributed_energy_joules_total")
+    device = metric_series(exposition, "joulegate_device_energy_joules_total")
     assert set(unattributed) == {'{device="synthetic0"}'}
     assert set(device) == {'{device="synthetic0",meter="synthetic"}'}
     metered = device['{device="synthetic0",meter="synthetic"}']
@@ -587,15 +570,16 @@ async def test_metrics_after_a_mix_of_every_task_add_up(gateway: Gateway) -> Non
     assert math.isclose(attributed + unattributed['{device="synthetic0"}'], metered, rel_tol=1e-9)
     energy_by_task = {
         labels(key)["task"]
-        for key, value in series(exposition, "joulegate_energy_joules_total").items()
+        for key, value in metric_series(exposition, "joulegate_energy_joules_total").items()
         if value > 0
     }
     assert energy_by_task == set(TASKS)
-    assert series(exposition, "joulegate_images_total")['{model="tiny-sd",tenant="anonymous"}'] == 2
+    generated = metric_series(exposition, "joulegate_images_total")
+    assert generated['{model="tiny-sd",tenant="anonymous"}'] == 2
 
 
 async def test_images_total_counts_generated_images_only(gateway: Gateway) -> None:
     await image_classification(gateway, png(40, 30))
     await settled(gateway.app, timeout=HOLD_TIMEOUT)
     exposition = await gateway.metrics()
-    assert series(exposition, "joulegate_images_total") == {}
+    assert metric_series(exposition, "joulegate_images_total") == {}

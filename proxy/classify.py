@@ -28,6 +28,8 @@ class Classification:
     tenant: str
     streaming: bool
     body: dict[str, Any] | None  # the parsed JSON object, None when the body is not one
+    team: str | None = None
+    identified: bool = False  # the tenant came from a known key or the trusted header
 
 
 class RouteTable:
@@ -88,16 +90,38 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
     return parsed if isinstance(parsed, dict) else None
 
 
+_TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 class Classifier:
-    def __init__(self, routes: Iterable[Route], api_keys: Mapping[str, str]) -> None:
+    """Task and model from the route and body; tenant from the API key or, behind a gateway
+    that authenticates callers itself, from a trusted header it sets (`tenant_header`)."""
+
+    def __init__(
+        self,
+        routes: Iterable[Route],
+        api_keys: Mapping[str, str],
+        *,
+        teams: Mapping[str, str] | None = None,
+        tenant_header: str | None = None,
+    ) -> None:
         self._table = RouteTable(routes)
         self._api_keys = dict(api_keys)
+        self._teams = dict(teams or {})
+        self._tenant_header = tenant_header
 
     def tenant(self, headers: Mapping[str, str]) -> str:
+        return self.identify(headers)[0]
+
+    def identify(self, headers: Mapping[str, str]) -> tuple[str, bool]:
+        """The tenant, and whether it was identified (not just `anonymous` by default)."""
+        if self._tenant_header is not None:
+            named = headers.get(self._tenant_header, "").strip()
+            if _TENANT_NAME.fullmatch(named):
+                return named, True
         key = api_key_from(headers)
-        if key is None:
-            return ANONYMOUS
-        return self._api_keys.get(key_digest(key), ANONYMOUS)
+        tenant = None if key is None else self._api_keys.get(key_digest(key))
+        return (ANONYMOUS, False) if tenant is None else (tenant, True)
 
     def classify(self, path: str, headers: Mapping[str, str], body: bytes) -> Classification:
         task, path_model = self._table.match(path)
@@ -109,4 +133,7 @@ class Classifier:
             if isinstance(body_model, str) and body_model:
                 model = body_model
             streaming = streaming or parsed.get("stream") is True
-        return Classification(task, model, self.tenant(headers), streaming, parsed)
+        tenant, identified = self.identify(headers)
+        return Classification(
+            task, model, tenant, streaming, parsed, self._teams.get(tenant), identified
+        )

@@ -81,6 +81,17 @@ class Config:
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     # sha256 hex digest of an API key -> tenant name. Raw keys never appear in config or logs.
     api_keys: Mapping[str, str] = field(default_factory=dict)
+    # tenant -> team, for reports and budgets by team.
+    teams: Mapping[str, str] = field(default_factory=dict)
+    # A header set by a trusted gateway in front (e.g. X-Tenant) that names the tenant.
+    tenant_header: str | None = None
+    # Refuse (401) requests whose tenant is not identified by a known key or the header.
+    require_api_key: bool = False
+    # Facility energy = device energy x PUE; carbon = facility energy x grid intensity.
+    pue: float = 1.0
+    # gCO2e/kWh: a number, or a CSV file of hourly values (Electricity Maps, WattTime).
+    carbon_intensity: float | str | None = None
+    carbon_intensity_unit: str = "g_per_kwh"
     # Label values allowed on metrics; anything else is counted as `other`.
     models: tuple[str, ...] = ()
     max_models: int = 50
@@ -96,7 +107,8 @@ class Config:
 
     @property
     def tenants(self) -> frozenset[str]:
-        return frozenset(self.api_keys.values()) | {"anonymous"}
+        """Tenants known from configuration: the label values metrics keep."""
+        return frozenset(self.api_keys.values()) | set(self.teams) | {"anonymous"}
 
 
 # ---- parsers: each takes the raw value (YAML-typed or a string) and returns the typed value ----
@@ -184,6 +196,54 @@ def _weights(value: Any) -> str:
     return name
 
 
+def _teams(value: Any) -> dict[str, str]:
+    value = _structured(value)
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _NAME.fullmatch(k) and _NAME.fullmatch(v)
+        for k, v in value.items()
+    ):
+        raise ValueError("expected a map of tenant names to team names (letters, digits, _.-)")
+    return dict(value)
+
+
+def _header_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = _str(value)
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", name):
+        raise ValueError(f"expected an HTTP header name, got {value!r}")
+    return name
+
+
+def _pue(value: Any) -> float:
+    pue = _positive_float(value)
+    if pue < 1.0:
+        raise ValueError(f"a PUE is at least 1.0, got {value!r}")
+    return pue
+
+
+def _carbon_intensity(value: Any) -> float | str | None:
+    if value is None:
+        return None
+    try:
+        return _non_negative_float(value)
+    except ValueError:
+        pass
+    path = _str(str(value))
+    if not Path(path).is_file():
+        raise ValueError(f"expected gCO2e/kWh as a number, or a CSV file; {path!r} is neither")
+    return path
+
+
+def _intensity_unit(value: Any) -> str:
+    unit = _str(value)
+    if unit not in ("g_per_kwh", "lbs_per_mwh"):
+        raise ValueError(f"expected g_per_kwh or lbs_per_mwh, got {value!r}")
+    return unit
+
+
 def _upstream(value: Any) -> str:
     url = _str(value).rstrip("/")
     parts = urlsplit(url)
@@ -226,6 +286,7 @@ def _structured(value: Any) -> Any:
         raise ValueError(f"not valid YAML: {_yaml_problem(error)}") from None
 
 
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _ROUTE_PATTERN = re.compile(r"^/[^{}]*(\{model(:path)?\}[^{}]*)?$")
 
 
@@ -261,7 +322,7 @@ def _api_keys(value: Any) -> dict[str, str]:
             raise ValueError(
                 "keys must be sha256 hex digests of API keys (64 hex digits), never raw keys"
             )
-        if not isinstance(tenant, str) or not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", tenant):
+        if not isinstance(tenant, str) or not _NAME.fullmatch(tenant):
             raise ValueError(f"tenant {tenant!r} must be 1-64 letters, digits, '_', '.' or '-'")
         keys[digest.lower()] = tenant
     return keys
@@ -301,6 +362,12 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "inject_stream_usage": _bool,
     "routes": _routes,
     "api_keys": _api_keys,
+    "teams": _teams,
+    "tenant_header": _header_name,
+    "require_api_key": _bool,
+    "pue": _pue,
+    "carbon_intensity": _carbon_intensity,
+    "carbon_intensity_unit": _intensity_unit,
     "models": _names,
     "max_models": _positive_int,
     "log_level": _log_level,
@@ -357,4 +424,12 @@ def load_config(
     for key, value in (overrides or {}).items():
         if value is not None:
             values[key] = _parse(key, value)
-    return Config(**values)
+    config = Config(**values)
+    if isinstance(config.carbon_intensity, str):
+        from proxy.carbon import CarbonConfigError, IntensitySeries
+
+        try:
+            IntensitySeries.from_csv(config.carbon_intensity, config.carbon_intensity_unit)
+        except CarbonConfigError as error:
+            raise ConfigError("carbon_intensity", str(error)) from None
+    return config

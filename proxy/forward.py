@@ -155,6 +155,7 @@ class Forwarder:
             task=classification.task,
             model=classification.model,
             tenant=classification.tenant,
+            team=classification.team,
             streaming=classification.streaming,
             method=request.method,
             path=request.path,
@@ -176,6 +177,18 @@ class Forwarder:
                         id_header,
                     ),
                     "request body too large",
+                )
+            if self.config.require_api_key and not classification.identified:
+                return self._failed(
+                    record,
+                    error_response(
+                        401,
+                        "A valid API key is required.",
+                        "invalid_request_error",
+                        "invalid_api_key",
+                        id_header,
+                    ),
+                    "no valid API key",
                 )
             return await self._exchange(request, record, body, classification, id_header)
         except asyncio.CancelledError:

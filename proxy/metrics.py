@@ -113,6 +113,12 @@ class Metrics:
             ["task", "model", "tenant"],
             registry=self.registry,
         )
+        self.carbon = Counter(
+            "joulegate_carbon_grams",
+            "Carbon attributed to requests: facility energy (x PUE) x grid intensity, gCO2e.",
+            ["task", "model", "tenant"],
+            registry=self.registry,
+        )
         self.metered_requests = Counter(
             "joulegate_metered_requests",
             "Finished requests by the quality of their energy figure: measured, estimate"
@@ -132,6 +138,8 @@ class Metrics:
                 quality = "estimate" if record.estimate else "measured"
                 self.request_energy.labels(record.task, model, tenant).observe(record.energy_joules)
                 self.energy.labels(record.task, model, tenant).inc(record.energy_joules)
+            if record.carbon_grams is not None:
+                self.carbon.labels(record.task, model, tenant).inc(record.carbon_grams)
             if record.dynamic_energy_joules is not None:
                 self.dynamic_energy.labels(record.task, model, tenant).inc(
                     record.dynamic_energy_joules

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from proxy.attribution import Attribution, Attributor, Span
+from proxy.carbon import CarbonModel
 from proxy.meter.base import Reading
 from proxy.metrics import Metrics
 from proxy.records import STATUS_ABORTED, RecordStore, RequestRecord
@@ -31,12 +32,14 @@ class Recorder:
         *,
         meter_name: str | None = None,
         devices: frozenset[str] | None = None,
+        carbon: CarbonModel | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
         self.attributor = attributor
         self.meter_name = meter_name
         self.devices = devices
+        self.carbon = carbon or CarbonModel()
         self.in_flight: dict[str, RequestRecord] = {}
         self.pending: dict[str, RequestRecord] = {}  # ended, waiting for their energy
         self._waiters: dict[str, list[asyncio.Future[RequestRecord]]] = {}
@@ -124,6 +127,12 @@ class Recorder:
         record.dynamic_energy_joules = attribution.dynamic_energy_joules
         record.devices = dict(attribution.per_device)
         record.estimate = attribution.estimate
+        if record.energy_joules is not None:
+            midpoint = record.started_at + (record.duration_seconds or 0.0) / 2
+            footprint = self.carbon.footprint(record.energy_joules, midpoint)
+            record.facility_energy_joules = footprint.facility_energy_joules
+            record.carbon_grams = footprint.carbon_grams
+            record.carbon_intensity_g_per_kwh = footprint.intensity_g_per_kwh
 
     def _publish(self, record: RequestRecord) -> None:
         self.metrics.observe(record)

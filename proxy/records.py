@@ -46,6 +46,10 @@ class RequestRecord:
     devices: dict[str, float | None] = field(default_factory=dict)
     meter: str | None = None
     estimate: bool = False
+    team: str | None = None
+    facility_energy_joules: float | None = None  # energy_joules x PUE
+    carbon_grams: float | None = None  # facility energy x grid intensity at the time
+    carbon_intensity_g_per_kwh: float | None = None
 
     def finish(self, end: float, status: str, code: int, reason: str | None = None) -> None:
         self.end = end

@@ -14,6 +14,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.attribution import Attributor
+from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
 from proxy.forward import Forwarder
@@ -80,14 +81,26 @@ def _open_meter(config: Config) -> Meter:
     )
 
 
+def _carbon_model(config: Config) -> CarbonModel:
+    intensity: float | IntensitySeries | None = None
+    if isinstance(config.carbon_intensity, str):
+        intensity = IntensitySeries.from_csv(config.carbon_intensity, config.carbon_intensity_unit)
+    elif config.carbon_intensity is not None:
+        intensity = config.carbon_intensity
+    return CarbonModel(config.pue, intensity)
+
+
 def create_app(config: Config, *, meter: Meter | None = None) -> web.Application:
     """The whole proxy as an aiohttp application, ready for `web.AppRunner` or `run_app`.
 
     The meter named by `config.meter` is opened at start-up; `meter` replaces it (tests hand
     in meters over a fake NVML)."""
     guard = LabelGuard(config.tenants, config.models, config.max_models)
-    recorder = Recorder(Metrics(guard), RecordStore())
-    forwarder = Forwarder(config, Classifier(config.routes, config.api_keys), recorder)
+    recorder = Recorder(Metrics(guard), RecordStore(), carbon=_carbon_model(config))
+    classifier = Classifier(
+        config.routes, config.api_keys, teams=config.teams, tenant_header=config.tenant_header
+    )
+    forwarder = Forwarder(config, classifier, recorder)
 
     given_meter = meter
     app = web.Application(client_max_size=config.max_body_bytes)

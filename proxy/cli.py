@@ -35,11 +35,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--exit", action="store_true", help="stop after the table instead of serving on"
     )
+    grafana = commands.add_parser("grafana", help="joulegate's Grafana dashboards")
+    grafana_commands = grafana.add_subparsers(dest="grafana_command", required=True)
+    from proxy.grafana import add_push_arguments
+
+    add_push_arguments(
+        grafana_commands.add_parser(
+            "push", help="create or update the dashboards (and a Prometheus datasource) in Grafana"
+        )
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "grafana":
+        from proxy.grafana import push_command
+
+        return push_command(arguments)
     if arguments.command == "demo":
         try:
             config = load_config(

@@ -1,0 +1,280 @@
+"""A real Prometheus scrapes a real joulegate: every dashboard query and recording rule
+returns data, and `promtool check metrics` finds nothing to say about joulegate's metrics.
+
+joulegate runs in-process with the synthetic meter in front of a fake OpenAI upstream;
+Prometheus (the `prometheus` binary on PATH, which CI installs) scrapes it every second with
+deploy/prometheus/rules/*.yml loaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from proxy.grafana import dashboards
+from tests.fake_openai import create_fake_openai
+from tests.servers import closed_port_url, joulegate, serve, settled
+
+ROOT = Path(__file__).resolve().parent.parent
+PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
+PROMETHEUS = shutil.which("prometheus")
+PROMTOOL = shutil.which("promtool")
+
+# Metrics the dashboards show that joulegate does not export yet: their panels are expected
+# to show no data until the issue that adds them lands. Remove a metric from here then.
+NOT_YET_EXPORTED: set[str] = set()  # metrics a dashboard shows before joulegate exports them
+# What Grafana would put in for its own variables; windows long enough to hold the whole
+# test's traffic at a 1 s scrape interval.
+GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "1s"}
+KEYS = {"key-search": "team-search", "key-ads": "team-ads"}
+# Counters every request moves.
+TRAFFIC_COUNTERS = [
+    *(
+        f"joulegate_{family}_total"
+        for family in ("requests", "tokens", "images", "metered_requests")
+    ),
+    "joulegate_energy_joules_total",
+    "joulegate_dynamic_energy_joules_total",
+    "joulegate_request_energy_joules_count",
+]
+
+
+async def images(request: web.Request) -> web.Response:
+    """An OpenAI images answer: joulegate counts the entries of `data`."""
+    body = await request.json()
+    count = int(body.get("n") or 1)
+    return web.json_response(
+        {"created": int(time.time()), "data": [{"b64_json": "iVBORw0KGgo="}] * count}
+    )
+
+
+def upstream_app() -> web.Application:
+    app = create_fake_openai()
+    app.router.add_post("/v1/images/generations", images)
+    return app
+
+
+async def drive(session: aiohttp.ClientSession, url: str, rounds: int, pause: float) -> None:
+    """Every task the fake upstream serves, for two tenants and anonymous, streamed or not."""
+    for _ in range(rounds):
+        calls = []
+        for key in [*KEYS, None]:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+            calls += [
+                ("/v1/chat/completions", chat, headers),
+                ("/v1/chat/completions", {**chat, "stream": True}, headers),
+                ("/v1/completions", {"model": "tiny-completion", "prompt": "a"}, headers),
+                ("/v1/embeddings", {"model": "tiny-embed", "input": ["a", "b"]}, headers),
+                ("/v1/images/generations", {"model": "tiny-sd", "prompt": "a", "n": 2}, headers),
+            ]
+
+        async def call(path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
+            async with session.post(url + path, json=body, headers=headers) as response:
+                await response.read()
+                assert response.status == 200, (path, response.status)
+
+        await asyncio.gather(*(call(*arguments) for arguments in calls))
+        await asyncio.sleep(pause)
+
+
+@contextlib.asynccontextmanager
+async def metered_joulegate() -> AsyncIterator[tuple[str, web.Application]]:
+    api_keys = {hashlib.sha256(key.encode()).hexdigest(): tenant for key, tenant in KEYS.items()}
+    async with (
+        serve(upstream_app()) as upstream,
+        joulegate(
+            upstream,
+            meter="synthetic:100",
+            sample_interval_seconds=0.02,
+            api_keys=api_keys,
+            carbon_intensity=350,
+            pue=1.2,
+        ) as (url, app),
+    ):
+        yield url, app
+
+
+def prometheus_config(target: str, directory: Path) -> Path:
+    """The repo's prometheus.yml, scraping `target` every second instead of compose's."""
+    config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    config["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    config["rule_files"] = [str(PROMETHEUS_DIR / pattern) for pattern in config["rule_files"]]
+    config.pop("alerting")
+    joulegate_job = next(job for job in config["scrape_configs"] if job["job_name"] == "joulegate")
+    joulegate_job["static_configs"] = [{"targets": [target]}]
+    config["scrape_configs"] = [joulegate_job]
+    path = directory / "prometheus.yml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextlib.asynccontextmanager
+async def running_prometheus(config: Path, directory: Path) -> AsyncIterator[str]:
+    assert PROMETHEUS is not None
+    address = closed_port_url().removeprefix("http://")
+    log = (directory / "prometheus.log").open("w")
+    process = await asyncio.create_subprocess_exec(
+        PROMETHEUS,
+        f"--config.file={config}",
+        f"--storage.tsdb.path={directory / 'data'}",
+        f"--web.listen-address={address}",
+        "--log.level=warn",
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://{address}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            deadline = time.monotonic() + 30
+            while True:
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with session.get(f"{url}/-/ready") as response:
+                        if response.status == 200:
+                            break
+                if process.returncode is not None or time.monotonic() > deadline:
+                    log.flush()
+                    raise AssertionError(
+                        "Prometheus did not start:\n" + (directory / "prometheus.log").read_text()
+                    )
+                await asyncio.sleep(0.1)
+        yield url
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            try:
+                await asyncio.wait_for(process.wait(), 10)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        log.close()
+
+
+class PrometheusAPI:
+    def __init__(self, session: aiohttp.ClientSession, url: str) -> None:
+        self.session = session
+        self.url = url
+
+    async def get(self, path: str, **params: Any) -> Any:
+        async with self.session.get(f"{self.url}/api/v1/{path}", params=params) as response:
+            document = await response.json()
+        assert document["status"] == "success", (path, params, document)
+        return document["data"]
+
+    async def query(self, expr: str) -> list[dict[str, Any]]:
+        return (await self.get("query", query=expr))["result"]
+
+    async def wait_for(self, expr: str, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The query's result once it is not empty (scrapes and rule evaluations lag)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = await self.query(expr)
+            if result or time.monotonic() > deadline:
+                return result
+            await asyncio.sleep(0.25)
+
+
+def substitute(expr: str, variables: dict[str, str]) -> str:
+    """What Grafana sends for `expr` with these variable values."""
+    for name, value in {**GRAFANA_BUILTINS, **variables}.items():
+        expr = expr.replace(name, value)
+    assert "$" not in expr, f"a variable was left in {expr}"
+    return expr
+
+
+def recording_rules() -> list[str]:
+    names = []
+    for path in sorted((PROMETHEUS_DIR / "rules").glob("*.yml")):
+        for group in yaml.safe_load(path.read_text())["groups"]:
+            names += [rule["record"] for rule in group["rules"] if "record" in rule]
+    return names
+
+
+@pytest.mark.skipif(
+    PROMETHEUS is None, reason="the prometheus binary is not on PATH (apt-get install prometheus)"
+)
+async def test_every_dashboard_query_and_recording_rule_returns_data(tmp_path: Path) -> None:
+    async with metered_joulegate() as (url, app), aiohttp.ClientSession() as session:
+        target = url.removeprefix("http://")
+        config = prometheus_config(target, tmp_path)
+        async with running_prometheus(config, tmp_path) as prometheus_url:
+            api = PrometheusAPI(session, prometheus_url)
+            # Prometheus' service discovery hands it its first targets after ~5 s; traffic
+            # sent before the first scrape would leave every rate at zero.
+            assert await api.wait_for('up{job="joulegate"}', timeout=30), "no scrape"
+            # Traffic until Prometheus has seen every request counter change twice, so that
+            # every rate is above zero however slowly the machine scrapes.
+            for _ in range(40):
+                await drive(session, url, rounds=1, pause=0.25)
+                await settled(app)
+                changed = [
+                    await api.query(f"min(changes({counter}[1m])) >= 2")
+                    for counter in TRAFFIC_COUNTERS
+                ]
+                if all(changed):
+                    break
+            else:
+                raise AssertionError("Prometheus never saw the traffic")
+
+            # Grafana's values: this node (a regex, escaped inside a PromQL string), all
+            # models, all tenants.
+            node = re.escape(target).replace("\\", "\\\\")
+            variables = {"$instance": node, "$model": ".*", "$tenant": ".*"}
+            empty = []
+            for name, dashboard in dashboards().items():
+                for variable in dashboard["templating"]["list"]:
+                    if variable["type"] != "query":
+                        continue
+                    match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"])
+                    assert match, variable["query"]
+                    series = await api.get("series", **{"match[]": substitute(match[1], variables)})
+                    assert {item.get(match[2]) for item in series} - {None}, (
+                        f"{name}: variable {variable['name']} has no values"
+                    )
+                for panel in dashboard["panels"]:
+                    for query in panel["targets"]:
+                        expr = substitute(query["expr"], variables)
+                        if any(metric in expr for metric in NOT_YET_EXPORTED):
+                            await api.query(expr)  # valid PromQL all the same
+                            continue
+                        if not await api.wait_for(expr, timeout=5):
+                            empty.append(f"{name}: {panel['title']} ({query['refId']}): {expr}")
+            assert not empty, "panel queries without data:\n" + "\n".join(empty)
+
+            for record in recording_rules():
+                assert await api.wait_for(record, timeout=5), f"recording rule {record}: no data"
+            groups = (await api.get("rules"))["groups"]
+            assert groups
+            for group in groups:
+                for rule in group["rules"]:
+                    assert rule["health"] == "ok", (rule["name"], rule.get("lastError"))
+
+
+@pytest.mark.skipif(PROMTOOL is None, reason="promtool is not on PATH (apt-get install prometheus)")
+async def test_promtool_check_metrics_finds_nothing() -> None:
+    async with metered_joulegate() as (url, app), aiohttp.ClientSession() as session:
+        await drive(session, url, rounds=1, pause=0)
+        await settled(app)
+        async with session.get(f"{url}/metrics") as response:
+            exposition = await response.read()
+    for family in ("requests", "tokens", "images", "energy_joules", "metered_requests"):
+        assert f"joulegate_{family}_total{{".encode() in exposition
+    assert PROMTOOL is not None
+    result = subprocess.run(
+        [PROMTOOL, "check", "metrics"], input=exposition, capture_output=True, timeout=30
+    )
+    output = (result.stdout + result.stderr).decode()
+    assert result.returncode == 0 and not output.strip(), output

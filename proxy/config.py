@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from proxy.budgets import BudgetSpec, parse_budgets, parse_timezone
 from proxy.meter.spec import parse_spec
 from proxy.sampler import MAX_INTERVAL, MIN_INTERVAL
 from proxy.tasks import TASKS
@@ -96,6 +97,14 @@ class Config:
     models: tuple[str, ...] = ()
     max_models: int = 50
     log_level: str = "info"
+    # ---- energy budgets (proxy/budgets.py) ----
+    budgets: tuple[BudgetSpec, ...] = ()
+    # IANA zone in which day, week and month windows start at midnight.
+    budget_timezone: str = "UTC"
+    # The reservation for a task and model not metered yet; None: the study's per-task mean.
+    budget_default_estimate_joules: float | None = None
+    # JSON file keeping the budgets' used energy across restarts; None: memory only.
+    budget_state_path: str | None = None
 
     @property
     def listen_host(self) -> str:
@@ -108,7 +117,8 @@ class Config:
     @property
     def tenants(self) -> frozenset[str]:
         """Tenants known from configuration: the label values metrics keep."""
-        return frozenset(self.api_keys.values()) | set(self.teams) | {"anonymous"}
+        budgeted = {budget.tenant for budget in self.budgets if budget.tenant != "*"}
+        return frozenset(self.api_keys.values()) | set(self.teams) | budgeted | {"anonymous"}
 
 
 # ---- parsers: each takes the raw value (YAML-typed or a string) and returns the typed value ----
@@ -339,6 +349,32 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+# ---- energy budgets ----
+
+
+def _budgets(value: Any) -> tuple[BudgetSpec, ...]:
+    return parse_budgets(_structured(value), TASKS)
+
+
+def _budget_timezone(value: Any) -> str:
+    return parse_timezone(value)
+
+
+def _optional_joules(value: Any) -> float | None:
+    return None if value is None else _positive_float(value)
+
+
+def _state_path(value: Any) -> str | None:
+    if value is None:
+        return None
+    path = Path(_str(str(value)))
+    if not path.parent.is_dir():
+        raise ValueError(f"the directory of {str(path)!r} does not exist")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory; name a file in it")
+    return str(path)
+
+
 def _meter(value: Any) -> str:
     spec = _str(value)
     parse_spec(spec)  # the meter's own parser: one grammar, one message
@@ -371,6 +407,10 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "models": _names,
     "max_models": _positive_int,
     "log_level": _log_level,
+    "budgets": _budgets,
+    "budget_timezone": _budget_timezone,
+    "budget_default_estimate_joules": _optional_joules,
+    "budget_state_path": _state_path,
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(Config)}
 

@@ -8,6 +8,7 @@ upstream request so the GPU stops working for nobody.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import re
 import time
@@ -17,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.budgets import Admission, Budgets, degrade_body
 from proxy.classify import Classification, Classifier
 from proxy.config import Config
 from proxy.errors import error_response
@@ -100,10 +102,17 @@ def _apply_usage(record: RequestRecord, usage: Usage | None) -> None:
 
 
 class Forwarder:
-    def __init__(self, config: Config, classifier: Classifier, recorder: Recorder) -> None:
+    def __init__(
+        self,
+        config: Config,
+        classifier: Classifier,
+        recorder: Recorder,
+        budgets: Budgets | None = None,
+    ) -> None:
         self.config = config
         self.classifier = classifier
         self.recorder = recorder
+        self.budgets = budgets
         self.pool: UpstreamPool | None = None
         self.weigh = POLICIES[config.weights]
 
@@ -150,6 +159,13 @@ class Forwarder:
             except web.HTTPRequestEntityTooLarge:
                 too_large = True
         classification = self.classifier.classify(request.path, request.headers, body)
+        admission, degraded = None, None
+        if self.budgets is not None and not (
+            too_large or (self.config.require_api_key and not classification.identified)
+        ):  # energy budgets: not for requests refused below anyway
+            admission, body, classification, degraded = self._admit(
+                self.budgets, body, classification, started_at
+            )
         record = RequestRecord(
             id=request_id,
             task=classification.task,
@@ -162,8 +178,11 @@ class Forwarder:
             upstream=self.config.upstream,
             started_at=started_at,
             start=start,
+            degraded=degraded,
         )
         self.recorder.started(record, self.weigh(classification))
+        if admission is not None:
+            self.recorder.admitted(record.id, admission)
         try:
             if too_large:
                 limit = self.config.max_body_bytes
@@ -190,6 +209,12 @@ class Forwarder:
                     ),
                     "no valid API key",
                 )
+            if admission is not None and admission.rejected:
+                return self._failed(
+                    record,
+                    _over_budget(admission, classification.tenant, id_header),
+                    f"energy budget {admission.exceeded[0]} spent",
+                )
             return await self._exchange(request, record, body, classification, id_header)
         except asyncio.CancelledError:
             if record.status not in (STATUS_OK, STATUS_ABORTED, STATUS_ERROR):
@@ -204,6 +229,27 @@ class Forwarder:
             if record.end is None:  # an unexpected exception: still recorded, never lost
                 record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
             self.recorder.ended(record)
+
+    # ---- energy budgets ----
+
+    @staticmethod
+    def _admit(
+        budgets: Budgets, body: bytes, classification: Classification, now: float
+    ) -> tuple[Admission, bytes, Classification, str | None]:
+        """Admission against the energy budgets; a spent `degrade` budget rewrites the body
+        (and so the model the request is recorded under and its weight)."""
+        c = classification
+        admission = budgets.admit(c.tenant, c.task, c.model, now)
+        if admission.degrade is None or c.body is None:
+            return admission, body, c, None
+        rewritten, changes = degrade_body(c.body, c.task, admission.degrade)
+        if not changes:
+            return admission, body, c, None
+        model = rewritten.get("model")
+        c = dataclasses.replace(
+            c, body=rewritten, model=model if isinstance(model, str) and model else c.model
+        )
+        return admission, json.dumps(rewritten).encode(), c, ", ".join(changes)
 
     def _failed(self, record: RequestRecord, response: web.Response, reason: str) -> web.Response:
         record.finish(time.monotonic(), STATUS_ERROR, response.status, reason)
@@ -230,6 +276,7 @@ class Forwarder:
             )
             return await self._relay(request, upstream, record, strip_usage_chunk, id_header)
         except UpstreamRefused:
+            self.recorder.release(record.id)  # never reached the upstream: no energy budgeted
             message = f"The upstream at {self.config.upstream} refused the connection."
             return self._failed(
                 record,
@@ -360,6 +407,18 @@ class Forwarder:
         else:
             await response.write_eof()  # a chunked stream ends cleanly
         return response
+
+
+def _over_budget(admission: Admission, tenant: str, id_header: dict[str, str]) -> web.Response:
+    """429 in the OpenAI error format, with Retry-After until the budget has room again."""
+    retry = admission.retry_after_seconds or 1
+    names = ", ".join(admission.exceeded)
+    message = (
+        f"The energy budget {names} of tenant {tenant} is spent for this request"
+        f" (about {admission.estimate_joules:.3g} J). Retry after {retry} s."
+    )
+    headers = {**id_header, "Retry-After": str(retry)}
+    return error_response(429, message, "energy_budget_exceeded", "energy_budget_exceeded", headers)
 
 
 def _joules(value: float | None) -> str:

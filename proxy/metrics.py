@@ -6,13 +6,15 @@ unbounded series.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from proxy.attribution import Attributor
+from proxy.budgets import Budgets
 from proxy.meter.base import Meter
 from proxy.records import RequestRecord
 from proxy.sampler import Sampler
@@ -221,3 +223,55 @@ class DeviceCollector(Collector):
         )
         errors.add_metric([self.meter.name], float(snapshot["read_errors"]))  # type: ignore[arg-type]
         yield errors
+
+
+class BudgetCollector(Collector):
+    """Energy budget series, read from the budget engine at scrape time. Label values come
+    from the configured budgets only."""
+
+    def __init__(self, budgets: Budgets, clock: Callable[[], float] = time.time) -> None:
+        self.budgets = budgets
+        self.clock = clock
+
+    def collect(self) -> Iterator[Metric]:
+        statuses = self.budgets.status(self.clock())
+        limit = GaugeMetricFamily(
+            "joulegate_budget_joules",
+            "The energy budget's limit per window.",
+            labels=["budget", "tenant"],
+        )
+        used = GaugeMetricFamily(
+            "joulegate_budget_used_joules",
+            "Energy used in the budget's current window: measured, plus reservations in flight.",
+            labels=["budget", "tenant"],
+        )
+        remaining = GaugeMetricFamily(
+            "joulegate_budget_remaining_ratio",
+            "The part of the budget left in its current window, 0 to 1.",
+            labels=["budget", "tenant"],
+        )
+        rejected = CounterMetricFamily(
+            "joulegate_budget_rejected_requests",
+            "Requests refused (429) because the budget was spent.",
+            labels=["budget"],
+        )
+        degraded = CounterMetricFamily(
+            "joulegate_budget_degraded_requests",
+            "Requests admitted degraded (cheaper model or capped settings) because the budget"
+            " was spent.",
+            labels=["budget"],
+        )
+        for status in statuses:
+            labels = [status.name, status.tenant]
+            limit.add_metric(labels, status.limit_joules)
+            used.add_metric(labels, status.used_joules)
+            remaining.add_metric(labels, status.remaining_ratio)
+            if status.action == "reject":
+                rejected.add_metric([status.name], float(status.rejected))
+            elif status.action == "degrade":
+                degraded.add_metric([status.name], float(status.degraded))
+        yield limit
+        yield used
+        yield remaining
+        yield rejected
+        yield degraded

@@ -14,10 +14,11 @@ import time
 from collections.abc import Callable
 
 from proxy.attribution import Attribution, Attributor, Span
+from proxy.budgets import Admission, Budgets
 from proxy.carbon import CarbonModel
 from proxy.meter.base import Reading
 from proxy.metrics import Metrics
-from proxy.records import STATUS_ABORTED, RecordStore, RequestRecord
+from proxy.records import STATUS_ABORTED, STATUS_OK, RecordStore, RequestRecord
 
 access_log = logging.getLogger("joulegate.access")
 log = logging.getLogger("joulegate")
@@ -33,6 +34,7 @@ class Recorder:
         meter_name: str | None = None,
         devices: frozenset[str] | None = None,
         carbon: CarbonModel | None = None,
+        budgets: Budgets | None = None,
     ) -> None:
         self.metrics = metrics
         self.store = store
@@ -43,6 +45,9 @@ class Recorder:
         self.in_flight: dict[str, RequestRecord] = {}
         self.pending: dict[str, RequestRecord] = {}  # ended, waiting for their energy
         self._waiters: dict[str, list[asyncio.Future[RequestRecord]]] = {}
+        # ---- energy budgets: reservations held until the record's energy is known ----
+        self.budgets = budgets
+        self._admissions: dict[str, Admission] = {}
 
     def attach(
         self, attributor: Attributor, meter_name: str, devices: frozenset[str] | None
@@ -63,6 +68,34 @@ class Recorder:
         if self.attributor is not None:
             span = Span(record.id, time.monotonic(), weight=weight, devices=self.devices)
             self.attributor.start(span)
+
+    def admitted(self, request_id: str, admission: Admission) -> None:
+        """The request holds a budget reservation, settled when its record is published."""
+        if admission.charges:
+            self._admissions[request_id] = admission
+
+    def release(self, request_id: str) -> None:
+        """The request never reached the upstream: its budget reservation is dropped now."""
+        admission = self._admissions.pop(request_id, None)
+        if admission is not None and self.budgets is not None:
+            self.budgets.release(admission)
+
+    def _settle_budget(self, record: RequestRecord) -> None:
+        assert self.budgets is not None
+        admission = self._admissions.pop(record.id, None)
+        if admission is not None:
+            self.budgets.settle(admission, record.energy_joules, time.time())
+        elif record.energy_joules:  # refused or released: its measured share still counts
+            self.budgets.charge(
+                record.tenant,
+                record.task,
+                record.model,
+                record.energy_joules,
+                record.started_at,
+                time.time(),
+            )
+        if record.status == STATUS_OK and record.code is not None and 200 <= record.code < 300:
+            self.budgets.learn(record.task, record.model, record.energy_joules)
 
     def ended(self, record: RequestRecord) -> None:
         """The request is over (`record.finish` was called); its energy settles soon."""
@@ -135,6 +168,8 @@ class Recorder:
             record.carbon_intensity_g_per_kwh = footprint.intensity_g_per_kwh
 
     def _publish(self, record: RequestRecord) -> None:
+        if self.budgets is not None:
+            self._settle_budget(record)
         self.metrics.observe(record)
         self.store.add(record)
         for future in self._waiters.pop(record.id, ()):

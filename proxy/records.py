@@ -50,6 +50,8 @@ class RequestRecord:
     facility_energy_joules: float | None = None  # energy_joules x PUE
     carbon_grams: float | None = None  # facility energy x grid intensity at the time
     carbon_intensity_g_per_kwh: float | None = None
+    # What a spent `degrade` energy budget changed, e.g. "model big→small, max_tokens 512→64".
+    degraded: str | None = None
 
     def finish(self, end: float, status: str, code: int, reason: str | None = None) -> None:
         self.end = end
@@ -61,6 +63,8 @@ class RequestRecord:
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         del document["start"], document["end"]
+        if document["degraded"] is None:  # only on degraded requests (the ledger has no column)
+            del document["degraded"]
         return document
 
 

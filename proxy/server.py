@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
@@ -14,12 +16,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.attribution import Attributor
+from proxy.budgets import Budgets, read_state, write_state
 from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
 from proxy.forward import Forwarder
 from proxy.meter import Meter, open_meter
-from proxy.metrics import DeviceCollector, LabelGuard, Metrics
+from proxy.metrics import BudgetCollector, DeviceCollector, LabelGuard, Metrics
 from proxy.recorder import Recorder
 from proxy.records import RecordStore
 from proxy.sampler import Sampler
@@ -30,6 +33,9 @@ RECORDER = web.AppKey("recorder", Recorder)
 FORWARDER = web.AppKey("forwarder", Forwarder)
 CONFIG = web.AppKey("config", Config)
 SAMPLER = web.AppKey("sampler", Sampler)
+BUDGETS = web.AppKey("budgets", Budgets)
+# How often the budget state file is rewritten (when something changed), besides at shutdown.
+BUDGET_STATE_SAVE_SECONDS = 10.0
 
 
 async def health(request: web.Request) -> web.Response:
@@ -90,23 +96,79 @@ def _carbon_model(config: Config) -> CarbonModel:
     return CarbonModel(config.pue, intensity)
 
 
+def _budgets(config: Config) -> Budgets | None:
+    if not config.budgets:
+        return None
+    return Budgets(
+        config.budgets,
+        timezone=config.budget_timezone,
+        default_estimate_joules=config.budget_default_estimate_joules,
+    )
+
+
+async def _budget_state(
+    budgets: Budgets, path: str | None, app: web.Application
+) -> AsyncIterator[None]:
+    """Budget state across restarts: read at start, written every few seconds when it changed
+    and once more at shutdown, after the in-flight requests were drained and settled."""
+    loop = asyncio.get_running_loop()
+    if path is None:
+        log.warning("budgets: no budget_state_path, so used energy is lost on restart")
+        yield
+        return
+    try:
+        document = await loop.run_in_executor(None, read_state, path)
+        if document is not None:
+            restored = budgets.restore(document, time.time())
+            log.info("budgets: used energy restored from %s for %s", path, restored)
+    except (OSError, ValueError, TypeError) as error:
+        log.error("budgets: cannot read %s (%s); starting from zero", path, error)
+
+    async def save() -> None:
+        try:
+            await loop.run_in_executor(None, write_state, path, budgets.snapshot(time.time()))
+        except OSError as error:
+            log.error("budgets: cannot write %s: %s", path, error)
+
+    async def periodically() -> None:
+        while True:
+            await asyncio.sleep(BUDGET_STATE_SAVE_SECONDS)
+            if budgets.changed:
+                await save()
+
+    task = asyncio.create_task(periodically())
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await save()
+
+
 def create_app(config: Config, *, meter: Meter | None = None) -> web.Application:
     """The whole proxy as an aiohttp application, ready for `web.AppRunner` or `run_app`.
 
     The meter named by `config.meter` is opened at start-up; `meter` replaces it (tests hand
     in meters over a fake NVML)."""
     guard = LabelGuard(config.tenants, config.models, config.max_models)
-    recorder = Recorder(Metrics(guard), RecordStore(), carbon=_carbon_model(config))
+    budgets = _budgets(config)
+    recorder = Recorder(
+        Metrics(guard), RecordStore(), carbon=_carbon_model(config), budgets=budgets
+    )
     classifier = Classifier(
         config.routes, config.api_keys, teams=config.teams, tenant_header=config.tenant_header
     )
-    forwarder = Forwarder(config, classifier, recorder)
+    forwarder = Forwarder(config, classifier, recorder, budgets)
 
     given_meter = meter
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[RECORDER] = recorder
     app[FORWARDER] = forwarder
+    if budgets is not None:
+        app[BUDGETS] = budgets
+        recorder.metrics.registry.register(BudgetCollector(budgets))
+        # First in, last out: state is loaded before traffic and saved after the drain.
+        app.cleanup_ctx.append(partial(_budget_state, budgets, config.budget_state_path))
 
     async def pool(app: web.Application):  # type: ignore[no-untyped-def]
         await forwarder.open()

@@ -13,7 +13,10 @@ COPY model_server ./model_server
 # The proxy's own dependencies only (aiohttp, PyYAML, prometheus-client, nvidia-ml-py, uvloop).
 RUN pip install --no-cache-dir '.[fast]' && rm -rf /root/.cache
 # NVML comes from the host driver through the NVIDIA container toolkit.
-ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=utility
+ENV NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=utility JOULEGATE_DATA_DIR=/data
+# The SQLite ledger (and budget state) lives here: mount a volume to keep it.
+RUN mkdir -p /data && chown 65534:65534 /data
+VOLUME /data
 USER 65534:65534
 EXPOSE 8080
 ENTRYPOINT ["joulegate"]

@@ -80,7 +80,12 @@ async def _run(device: int, lengths: list[float]) -> None:
     async with serve(_load_app(device)) as upstream:
         config = load_config(
             environ={},
-            overrides={"upstream": upstream, "meter": f"nvml:{device}", "log_level": "warning"},
+            overrides={
+                "upstream": upstream,
+                "meter": f"nvml:{device}",
+                "log_level": "warning",
+                "ledger": "off",
+            },
         )
         async with serve(create_app(config)) as proxy, aiohttp.ClientSession() as client:
 

@@ -500,6 +500,7 @@ async def run(args: argparse.Namespace) -> list[Measurement]:
                     # the smoke run checks the plumbing with constant power
                     "meter": "synthetic:100" if meter is None else f"nvml:{meter.selector}",
                     "log_level": "warning",
+                    "ledger": "off",
                 },
             )
         )

@@ -20,6 +20,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,6 +159,7 @@ def main() -> int:
     arguments = parser.parse_args()
 
     upstream_port, minimal_port, proxy_port = free_port(), free_port(), free_port()
+    data_dir = tempfile.TemporaryDirectory(prefix="joulegate-bench-")
     env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEGATE_")}
     upstream = subprocess.Popen([sys.executable, "-c", UPSTREAM_SOURCE, str(upstream_port)])
     minimal = subprocess.Popen(
@@ -174,7 +176,8 @@ def main() -> int:
             "--meter",
             "synthetic:200",
         ],
-        env=env | {"JOULEGATE_LOG_LEVEL": "warning"},
+        # with its default SQLite ledger, as users run it, in a throw-away directory
+        env=env | {"JOULEGATE_LOG_LEVEL": "warning", "JOULEGATE_DATA_DIR": data_dir.name},
         cwd=ROOT,
         stderr=subprocess.DEVNULL,
     )
@@ -194,6 +197,7 @@ def main() -> int:
         for process in (proxy, minimal, upstream):
             process.terminate()
             process.wait(timeout=10)
+        data_dir.cleanup()
 
     high = arguments.concurrency
     print(f"{'case':<34}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'CPU us/req':>12}")

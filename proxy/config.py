@@ -105,6 +105,14 @@ class Config:
     budget_default_estimate_joules: float | None = None
     # JSON file keeping the budgets' used energy across restarts; None: memory only.
     budget_state_path: str | None = None
+    # Where every finished record is kept: sqlite (in data_dir), sqlite:PATH,
+    # postgresql://... (a ledger shared by a fleet), or off.
+    ledger: str = "sqlite"
+    data_dir: str = "data"
+    # This proxy's name in a shared ledger; None: the host name.
+    instance: str | None = None
+    ledger_flush_interval_seconds: float = 0.25
+    ledger_max_pending: int = 100_000
 
     @property
     def listen_host(self) -> str:
@@ -252,6 +260,30 @@ def _intensity_unit(value: Any) -> str:
     if unit not in ("g_per_kwh", "lbs_per_mwh"):
         raise ValueError(f"expected g_per_kwh or lbs_per_mwh, got {value!r}")
     return unit
+
+
+def _ledger(value: Any) -> str:
+    from proxy.ledger import parse_spec as parse_ledger_spec
+
+    spec = _str(value)
+    parse_ledger_spec(spec)  # the ledger's own grammar and message
+    return spec
+
+
+def _optional_name(value: Any) -> str | None:
+    if value is None:
+        return None
+    name = _str(value)
+    if not _NAME.fullmatch(name):
+        raise ValueError(f"expected 1-64 letters, digits, '_', '.' or '-', got {value!r}")
+    return name
+
+
+def _flush_interval(value: Any) -> float:
+    interval = _positive_float(value)
+    if interval > 60:
+        raise ValueError(f"expected at most 60 seconds, got {value!r}")
+    return interval
 
 
 def _upstream(value: Any) -> str:
@@ -411,6 +443,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "budget_timezone": _budget_timezone,
     "budget_default_estimate_joules": _optional_joules,
     "budget_state_path": _state_path,
+    "ledger": _ledger,
+    "data_dir": _str,
+    "instance": _optional_name,
+    "ledger_flush_interval_seconds": _flush_interval,
+    "ledger_max_pending": _positive_int,
 }
 assert set(FIELDS) == {f.name for f in dataclasses.fields(Config)}
 

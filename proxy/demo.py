@@ -195,6 +195,7 @@ async def run_demo(config: Config, rounds: int, keep_serving: bool) -> int:
                     "meter": config.meter,
                     "listen": config.listen,
                     "log_level": "warning",
+                    "ledger": "off",  # the demo's records live in memory only
                 },
             )
             app = create_app(config)

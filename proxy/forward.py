@@ -11,8 +11,8 @@ import asyncio
 import dataclasses
 import json
 import re
+import secrets
 import time
-import uuid
 from typing import Any
 
 from aiohttp import web
@@ -133,7 +133,7 @@ class Forwarder:
         offered = request.headers.get(REQUEST_ID_HEADER, "")
         if _SANE_REQUEST_ID.fullmatch(offered) and not self.recorder.knows(offered):
             return offered
-        return uuid.uuid4().hex
+        return new_request_id()
 
     def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
         headers = _forwardable(request.headers, _REQUEST_DROP)
@@ -419,6 +419,12 @@ def _over_budget(admission: Admission, tenant: str, id_header: dict[str, str]) -
     )
     headers = {**id_header, "Retry-After": str(retry)}
     return error_response(429, message, "energy_budget_exceeded", "energy_budget_exceeded", headers)
+
+
+def new_request_id() -> str:
+    """32 hex digits: milliseconds since 1970, then 80 random bits (the UUIDv7 layout).
+    Time-ordered ids keep the ledger's index appends local: random ids cost a page each."""
+    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
 
 
 def _joules(value: float | None) -> str:

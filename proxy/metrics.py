@@ -15,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from proxy.attribution import Attributor
 from proxy.budgets import Budgets
+from proxy.ledger import Ledger
 from proxy.meter.base import Meter
 from proxy.records import RequestRecord
 from proxy.sampler import Sampler
@@ -275,3 +276,45 @@ class BudgetCollector(Collector):
         yield remaining
         yield rejected
         yield degraded
+
+
+class LedgerCollector(Collector):
+    """The ledger's counters, so a store in trouble shows before anyone asks for a record."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self.ledger.stats()
+        for name, kind, value, text in (
+            ("records_written", CounterMetricFamily, stats.written, "Records made durable."),
+            (
+                "failed_flushes",
+                CounterMetricFamily,
+                stats.failed_flushes,
+                "Flushes the store refused (full or read-only disk, database down): retried.",
+            ),
+            (
+                "dropped_records",
+                CounterMetricFamily,
+                stats.dropped,
+                "Records that could not be kept: the backlog was full or the store gave up.",
+            ),
+            (
+                "queued_records",
+                GaugeMetricFamily,
+                stats.queued,
+                "Records accepted and not yet durable.",
+            ),
+        ):
+            family = kind(f"joulegate_ledger_{name}", text, labels=["backend"])
+            family.add_metric([stats.backend], float(value))
+            yield family
+        if stats.last_flush_seconds is not None:
+            flush = GaugeMetricFamily(
+                "joulegate_ledger_last_flush_seconds",
+                "How long the last successful flush took.",
+                labels=["backend"],
+            )
+            flush.add_metric([stats.backend], stats.last_flush_seconds)
+            yield flush

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from proxy.attribution import Attribution, Attributor, Span
 from proxy.budgets import Admission, Budgets
 from proxy.carbon import CarbonModel
+from proxy.ledger import Ledger
 from proxy.meter.base import Reading
 from proxy.metrics import Metrics
 from proxy.records import STATUS_ABORTED, STATUS_OK, RecordStore, RequestRecord
@@ -47,6 +48,7 @@ class Recorder:
         self._waiters: dict[str, list[asyncio.Future[RequestRecord]]] = {}
         # ---- energy budgets: reservations held until the record's energy is known ----
         self.budgets = budgets
+        self.ledger: Ledger | None = None
         self._admissions: dict[str, Admission] = {}
 
     def attach(
@@ -172,6 +174,8 @@ class Recorder:
             self._settle_budget(record)
         self.metrics.observe(record)
         self.store.add(record)
+        if self.ledger is not None:
+            self.ledger.append(record)  # never blocks: written in batches off the loop
         for future in self._waiters.pop(record.id, ()):
             if not future.done():
                 future.set_result(record)

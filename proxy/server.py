@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import math
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -16,13 +18,14 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.attribution import Attributor
-from proxy.budgets import Budgets, read_state, write_state
+from proxy.budgets import Budgets, BudgetScope, read_state, write_state
 from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
 from proxy.forward import Forwarder
+from proxy.ledger import Ledger, LedgerError, open_ledger
 from proxy.meter import Meter, open_meter
-from proxy.metrics import BudgetCollector, DeviceCollector, LabelGuard, Metrics
+from proxy.metrics import BudgetCollector, DeviceCollector, LabelGuard, LedgerCollector, Metrics
 from proxy.recorder import Recorder
 from proxy.records import RecordStore
 from proxy.sampler import Sampler
@@ -50,6 +53,8 @@ async def health(request: web.Request) -> web.Response:
         "awaiting_energy": len(recorder.pending),
         "meter": None,
     }
+    if recorder.ledger is not None:
+        document["ledger"] = dataclasses.asdict(recorder.ledger.stats())
     if SAMPLER in request.app:
         sampler = request.app[SAMPLER]
         document["meter"] = sampler.meter.describe()
@@ -61,7 +66,26 @@ async def health(request: web.Request) -> web.Response:
 async def request_record(request: web.Request) -> web.Response:
     request_id = request.match_info["id"]
     record = request.app[RECORDER].store.get(request_id)
-    if record is None:
+    if record is not None:
+        return web.json_response(record.to_json())
+    ledger = request.app[RECORDER].ledger
+    document = None
+    if ledger is not None:
+        try:
+            document = await ledger.get(request_id)
+        except LedgerError as error:
+            return web.json_response(
+                {
+                    "error": {
+                        "message": f"The ledger cannot be read now: {error}",
+                        "type": "server_error",
+                        "code": "ledger_unavailable",
+                        "param": None,
+                    }
+                },
+                status=503,
+            )
+    if document is None:
         return web.json_response(
             {
                 "error": {
@@ -73,7 +97,7 @@ async def request_record(request: web.Request) -> web.Response:
             },
             status=404,
         )
-    return web.json_response(record.to_json())
+    return web.json_response(document)
 
 
 async def metrics(request: web.Request) -> web.Response:
@@ -144,6 +168,25 @@ async def _budget_state(
     await save()
 
 
+async def _ledgering(
+    ledger: Ledger, budgets: Budgets | None, app: web.Application
+) -> AsyncIterator[None]:
+    await ledger.start()
+    if budgets is not None:
+        await budgets.load(partial(_ledger_energy, ledger), time.time())
+        log.info("budgets: used energy rebuilt from the ledger")
+    yield
+    await ledger.close()
+
+
+async def _ledger_energy(ledger: Ledger, scope: BudgetScope, start: float, end: float) -> float:
+    """The Joules of the ledger's records in a budget's scope that started in [start, end)."""
+    totals = await ledger.totals(start, end, period="hour")
+    return math.fsum(
+        t.energy_joules or 0.0 for t in totals if scope.matches(t.tenant, t.task, t.model)
+    )
+
+
 def create_app(config: Config, *, meter: Meter | None = None) -> web.Application:
     """The whole proxy as an aiohttp application, ready for `web.AppRunner` or `run_app`.
 
@@ -164,11 +207,23 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
     app[CONFIG] = config
     app[RECORDER] = recorder
     app[FORWARDER] = forwarder
+    ledger = open_ledger(
+        config.ledger,
+        config.data_dir,
+        instance=config.instance,
+        flush_interval=config.ledger_flush_interval_seconds,
+        max_pending=config.ledger_max_pending,
+    )
+    if ledger is not None:
+        recorder.ledger = ledger
+        recorder.metrics.registry.register(LedgerCollector(ledger))
+        # First in, last out: open before traffic, closed after the last records are drained.
+        app.cleanup_ctx.append(partial(_ledgering, ledger, budgets))
     if budgets is not None:
         app[BUDGETS] = budgets
         recorder.metrics.registry.register(BudgetCollector(budgets))
-        # First in, last out: state is loaded before traffic and saved after the drain.
-        app.cleanup_ctx.append(partial(_budget_state, budgets, config.budget_state_path))
+        if ledger is None:  # with a ledger, budgets are rebuilt from its records instead
+            app.cleanup_ctx.append(partial(_budget_state, budgets, config.budget_state_path))
 
     async def pool(app: web.Application):  # type: ignore[no-untyped-def]
         await forwarder.open()

@@ -23,6 +23,7 @@ async def joulegate(
     """joulegate in front of `upstream`, configured like `serve --config` with `settings`
     (the synthetic meter at 100 W unless `meter_instance` or a `meter` spec is given)."""
     settings.setdefault("meter", "synthetic:100")
+    settings.setdefault("ledger", "off")  # tests that keep records durably ask for one
     config = load_config(environ={}, overrides={"upstream": upstream, **settings})
     app = create_app(config, meter=meter_instance)
     async with serve(app) as url:

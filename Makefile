@@ -56,6 +56,7 @@ format: install
 bench: install
 	$(BIN)/python benchmarks/proxy_overhead.py
 	$(BIN)/python benchmarks/attribution_accuracy.py
+	$(BIN)/python benchmarks/ledger.py
 	$(BIN)/python benchmarks/gpu_check.py
 	$(BIN)/python benchmarks/gpu_tasks.py
 

@@ -513,10 +513,15 @@ class BudgetStatus:
     used_joules: float  # settled + reserved in the current window
     rejected: int
     degraded: int
+    window_seconds: float  # the current window's length (calendar days vary with DST)
 
     @property
     def remaining_ratio(self) -> float:
         return max(0.0, self.limit_joules - self.used_joules) / self.limit_joules
+
+
+def _length(bounds: tuple[float, float]) -> float:
+    return bounds[1] - bounds[0]
 
 
 SumEnergy = Callable[[BudgetScope, float, float], Awaitable[float]]
@@ -683,6 +688,7 @@ class Budgets:
                 account.used(now),
                 account.rejected,
                 account.degraded,
+                _length(account.window.bounds(now)),
             )
             for account in self.accounts.values()
         ]

@@ -44,11 +44,24 @@ def _parser() -> argparse.ArgumentParser:
             "push", help="create or update the dashboards (and a Prometheus datasource) in Grafana"
         )
     )
+    from proxy.report import add_arguments as add_report_arguments
+
+    add_report_arguments(
+        commands.add_parser(
+            "report",
+            help="energy, carbon and per-request figures from the ledger (table, csv, json, html)",
+        ),
+        os.environ.get("JOULEGATE_CONFIG"),
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
+    if arguments.command == "report":
+        from proxy.report import report_command
+
+        return report_command(arguments)
     if arguments.command == "grafana":
         from proxy.grafana import push_command
 

@@ -48,6 +48,7 @@ SCRAPE_INTERVAL = "15s"
 # Label filters from the template variables, per metric family (each has different labels).
 NODE = 'instance=~"$instance"'
 REQUEST = f'{NODE}, model=~"$model", tenant=~"$tenant"'
+BUDGET = f'{NODE}, tenant=~"$tenant"'
 
 
 # --------------------------------------------------------------------------------------------
@@ -138,8 +139,9 @@ def _variable_query(name: str, label: str, expr: str) -> JSON:
     }
 
 
-def variables(*, request_filters: bool) -> list[JSON]:
-    """Data source and node always; model and tenant where the panels carry those labels."""
+def variables(*, request_filters: bool, budget_filters: bool = False) -> list[JSON]:
+    """Data source and node always; model and tenant where the panels carry those labels,
+    or the budgets' tenants (`*` for a budget shared by every tenant) on budget panels."""
     found = [
         {
             "name": "datasource",
@@ -158,11 +160,20 @@ def variables(*, request_filters: bool) -> list[JSON]:
         for name, label in (("model", "Model"), ("tenant", "Tenant")):
             expr = f"label_values(joulegate_requests_total{{{NODE}}}, {name})"
             found.append(_variable_query(name, label, expr))
+    if budget_filters:
+        expr = f"label_values(joulegate_budget_joules{{{NODE}}}, tenant)"
+        found.append(_variable_query("tenant", "Tenant", expr))
     return found
 
 
 def dashboard(
-    uid: str, title: str, description: str, panels: Sequence[JSON], *, request_filters: bool
+    uid: str,
+    title: str,
+    description: str,
+    panels: Sequence[JSON],
+    *,
+    request_filters: bool,
+    budget_filters: bool = False,
 ) -> JSON:
     """Numbers the panels and flows them left to right into rows 24 units wide."""
     x = y = row_height = 0
@@ -196,7 +207,9 @@ def dashboard(
             }
         ],
         "annotations": {"list": []},
-        "templating": {"list": variables(request_filters=request_filters)},
+        "templating": {
+            "list": variables(request_filters=request_filters, budget_filters=budget_filters)
+        },
         "panels": placed,
     }
 
@@ -606,10 +619,196 @@ def meter_health() -> JSON:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Energy budgets
+
+
+def per_budget(metric: str, by: str = "budget, tenant") -> str:
+    """A budget gauge per budget (or tenant). Every proxy exports each budget as it sees it:
+    the largest figure, not the sum, so that two proxies do not double a budget."""
+    return f"max by ({by}) ({metric}{{{BUDGET}}})"
+
+
+def budget_slope(window: str) -> str:
+    """Joules per second going into each budget. joulegate_budget_used_joules is a gauge that
+    drops when a window ends or energy ages out of a rolling one: its slope (deriv), clamped
+    at 0 so a drop reads as no spending, as in deploy/prometheus/rules/budgets.yml."""
+    used = f"joulegate_budget_used_joules{{{BUDGET}}}[{window}]"
+    return f"clamp_min(max by (budget, tenant) (deriv({used})), 0)"
+
+
+def budget_requests(metric: str) -> str:
+    """Requests per second by budget; the counters carry no tenant, so the tenant filter
+    keeps the budgets whose gauges match it."""
+    return (
+        f"sum by (budget) (rate({metric}{{{NODE}}}[$__rate_interval]))\n"
+        f"and on (budget)\n{per_budget('joulegate_budget_joules', 'budget')}"
+    )
+
+
+def budgets() -> JSON:
+    limit = per_budget("joulegate_budget_joules")
+    used = per_budget("joulegate_budget_used_joules")
+
+    def used_and_limit(by: str, legend: str, description: str, width: int) -> JSON:
+        return panel(
+            "timeseries",
+            f"Energy used and budget, by {by}",
+            description,
+            [
+                query(f"sum by ({by}) ({used})", f"{legend} used"),
+                query(f"sum by ({by}) ({limit})", f"{legend} budget"),
+            ],
+            unit=JOULE,
+            size=(width, 8),
+        )
+
+    panels = [
+        panel(
+            "bargauge",
+            "Budget used",
+            "The part of each budget used in its current window: measured energy plus"
+            " reservations for requests in flight. A budget whose action is alert can pass"
+            " 100%.",
+            [query(f"{used}\n/\n({limit} > 0)", "{{budget}} ({{tenant}})", instant=True)],
+            unit=RATIO,
+            size=(8, 8),
+            extra={
+                "fieldConfig": {
+                    "defaults": {
+                        "unit": RATIO,
+                        "min": 0,
+                        "max": 1,
+                        "thresholds": {
+                            "mode": "absolute",
+                            "steps": [
+                                {"color": "green", "value": None},
+                                {"color": "orange", "value": 0.8},
+                                {"color": "red", "value": 1},
+                            ],
+                        },
+                    }
+                },
+                "options": {"displayMode": "gradient", "orientation": "horizontal"},
+            },
+        ),
+        used_and_limit(
+            "budget",
+            "{{budget}}",
+            "Energy used in each budget's current window against its limit. Used drops back"
+            " when a calendar window ends, and as energy ages out of a rolling window.",
+            16,
+        ),
+        used_and_limit(
+            "tenant",
+            "{{tenant}}",
+            "The same summed over each tenant's budgets (* is a budget shared by every tenant).",
+            24,
+        ),
+        panel(
+            "timeseries",
+            "Burn: share of the budget spent per hour",
+            "How fast each budget is being spent, as a part of its limit per hour. A daily"
+            " budget spent evenly burns 1/24 (4.2%) an hour; the burn-rate alerts fire at 14.4x"
+            " and 6x that pace. Over a rolling window this is new spending minus what ages"
+            " out, so it reads low.",
+            [
+                query(
+                    f"{budget_slope('$__rate_interval')} * 3600\n/\n({limit} > 0)",
+                    "{{budget}} ({{tenant}})",
+                )
+            ],
+            unit=RATIO,
+        ),
+        panel(
+            "timeseries",
+            "Time to exhaustion",
+            "What is left of each budget over its spending in the last hour. No line: the"
+            " budget is not being spent; 0: it is spent.",
+            [
+                query(
+                    "clamp_min("
+                    + per_budget("joulegate_budget_remaining_ratio")
+                    + f", 0) * {limit}\n/\n({budget_slope('1h')} > 0)",
+                    "{{budget}} ({{tenant}})",
+                )
+            ],
+            unit="s",
+        ),
+        panel(
+            "timeseries",
+            "Requests rejected by budget",
+            "Requests refused with a 429 (energy_budget_exceeded) because a budget whose"
+            " action is reject was spent.",
+            [query(budget_requests("joulegate_budget_rejected_requests_total"), "{{budget}}")],
+            unit=REQUESTS_PER_SECOND,
+            stacked=True,
+        ),
+        panel(
+            "timeseries",
+            "Requests degraded by budget",
+            "Requests let through rewritten (cheaper model, capped tokens, size or steps)"
+            " because a budget whose action is degrade was spent.",
+            [query(budget_requests("joulegate_budget_degraded_requests_total"), "{{budget}}")],
+            unit=REQUESTS_PER_SECOND,
+            stacked=True,
+        ),
+        panel(
+            "table",
+            "Budgets now",
+            "Each budget's limit, use and what is left in its current window.",
+            [
+                query(limit, instant=True, table=True),
+                query(used, instant=True, table=True),
+                query(per_budget("joulegate_budget_remaining_ratio"), instant=True, table=True),
+            ],
+            unit=JOULE,
+            size=(24, 8),
+            extra={
+                "transformations": [
+                    {"id": "merge", "options": {}},
+                    {
+                        "id": "organize",
+                        "options": {
+                            "excludeByName": {"Time": True},
+                            "renameByName": {
+                                "budget": "Budget",
+                                "tenant": "Tenant",
+                                "Value #A": "Budget (J)",
+                                "Value #B": "Used (J)",
+                                "Value #C": "Left",
+                            },
+                        },
+                    },
+                ],
+                "fieldConfig": {
+                    "overrides": [
+                        {
+                            "matcher": {"id": "byName", "options": "Left"},
+                            "properties": [{"id": "unit", "value": RATIO}],
+                        }
+                    ]
+                },
+                "options": {"showHeader": True, "sortBy": [{"displayName": "Budget"}]},
+            },
+        ),
+    ]
+    return dashboard(
+        "joulegate-budgets",
+        "joulegate: energy budgets",
+        "Energy budgets per tenant: used against the limit, how fast they burn, when they run"
+        " out, and the requests rejected or degraded once they have.",
+        panels,
+        request_filters=False,
+        budget_filters=True,
+    )
+
+
 # Dashboard file name (without .json) -> builder. Add a dashboard here.
 DASHBOARDS: dict[str, Callable[[], JSON]] = {
     "joulegate-energy": energy_overview,
     "joulegate-meters": meter_health,
+    "joulegate-budgets": budgets,
 }
 
 

@@ -251,6 +251,11 @@ class BudgetCollector(Collector):
             "The part of the budget left in its current window, 0 to 1.",
             labels=["budget", "tenant"],
         )
+        window = GaugeMetricFamily(
+            "joulegate_budget_window_seconds",
+            "The length of the budget's current window: the pace its burn rate is judged by.",
+            labels=["budget", "tenant"],
+        )
         rejected = CounterMetricFamily(
             "joulegate_budget_rejected_requests",
             "Requests refused (429) because the budget was spent.",
@@ -267,11 +272,13 @@ class BudgetCollector(Collector):
             limit.add_metric(labels, status.limit_joules)
             used.add_metric(labels, status.used_joules)
             remaining.add_metric(labels, status.remaining_ratio)
+            window.add_metric(labels, status.window_seconds)
             if status.action == "reject":
                 rejected.add_metric([status.name], float(status.rejected))
             elif status.action == "degrade":
                 degraded.add_metric([status.name], float(status.degraded))
         yield limit
+        yield window
         yield used
         yield remaining
         yield rejected

@@ -63,8 +63,6 @@ class RequestRecord:
     def to_json(self) -> dict[str, Any]:
         document = asdict(self)
         del document["start"], document["end"]
-        if document["degraded"] is None:  # only on degraded requests (the ledger has no column)
-            del document["degraded"]
         return document
 
 

@@ -197,7 +197,7 @@ async def test_a_spent_degrade_budget_rewrites_the_request_and_records_it() -> N
     assert (untouched["model"], untouched["max_tokens"]) == ("big", 512)
     assert record["degraded"] == "model big→small, max_tokens 512→4"
     assert record["model"] == "small" and record["output_tokens"] == 4
-    assert "degraded" not in paid and paid["model"] == "big"
+    assert paid["degraded"] is None and paid["model"] == "big"
     assert metric_series(exposition, "joulegate_budget_degraded_requests_total") == {
         '{budget="free-tier"}': 2.0
     }
@@ -323,3 +323,34 @@ async def test_a_request_that_never_reached_the_upstream_gives_its_reservation_b
     assert record is not None and record.energy_joules is not None
     # Its measured share of a few milliseconds counts, not the 500 J it had reserved.
     assert used == pytest.approx(record.energy_joules) and used < 100.0
+
+
+def test_the_window_length_gauge_follows_the_calendar() -> None:
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from proxy.budgets import Budgets, parse_budgets
+    from proxy.metrics import BudgetCollector
+    from proxy.tasks import TASKS
+
+    specs = parse_budgets(
+        [
+            {"name": "daily", "tenant": "t", "limit": "1 Wh", "window": "day", "action": "alert"},
+            {
+                "name": "roll",
+                "tenant": "t",
+                "limit": "1 Wh",
+                "window": "rolling:90m",
+                "action": "alert",
+            },
+        ],
+        TASKS,
+    )
+    budgets = Budgets(specs, timezone="Europe/Berlin")
+    # 2026-10-25 in Berlin has 25 hours: the clocks go back at 03:00.
+    clock = datetime(2026, 10, 25, 12, 0, tzinfo=ZoneInfo("Europe/Berlin")).timestamp
+    families = {f.name: f for f in BudgetCollector(budgets, clock=clock).collect()}
+    lengths = {
+        s.labels["budget"]: s.value for s in families["joulegate_budget_window_seconds"].samples
+    }
+    assert lengths == {"daily": 25 * 3600, "roll": 90 * 60}

@@ -145,3 +145,21 @@ def test_study_figures_come_from_the_study_table() -> None:
 def test_carbon_panel_is_there() -> None:
     exprs = [target["expr"] for _, target in targets(DASHBOARDS["joulegate-energy"])]
     assert any("joulegate_carbon_grams_total" in expr for expr in exprs)
+
+
+def test_the_budgets_dashboard_is_templated_by_node_and_budget_tenant() -> None:
+    dashboard = DASHBOARDS["joulegate-budgets"]
+    variables = {variable["name"]: variable for variable in dashboard["templating"]["list"]}
+    assert set(variables) == {"datasource", "instance", "tenant"}
+    assert "joulegate_budget_joules" in variables["tenant"]["query"]
+    exprs = "\n".join(target["expr"] for _, target in targets(dashboard))
+    for metric in (
+        "joulegate_budget_joules",
+        "joulegate_budget_used_joules",
+        "joulegate_budget_remaining_ratio",
+        "joulegate_budget_rejected_requests_total",
+        "joulegate_budget_degraded_requests_total",
+    ):
+        assert metric in exprs, metric
+    # used_joules is a gauge that resets with its window: never rate() or increase() of it.
+    assert not re.search(r"(rate|increase)\(joulegate_budget_used_joules", exprs)

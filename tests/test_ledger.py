@@ -466,13 +466,15 @@ async def test_instances_starting_together_migrate_once(store: Store) -> None:
     await asyncio.gather(*(ledger.start() for ledger in ledgers))
     for ledger in ledgers:
         await ledger.close()
-    assert await store.query("SELECT version FROM schema_version") == [(1,)]
+    current = [(migration.version,) for migration in MIGRATIONS]
+    assert await store.query("SELECT version FROM schema_version ORDER BY 1") == current
 
 
 # ---- migrations ----
 
+NEXT = len(MIGRATIONS) + 1  # the version a test migration takes after the real ones
 ADD_NOTE = Migration(
-    2,
+    NEXT,
     "a note on each request (test only)",
     sqlite=(
         "ALTER TABLE requests ADD COLUMN note TEXT",
@@ -484,7 +486,7 @@ ADD_NOTE = Migration(
     ),
 )
 BROKEN = Migration(
-    2,
+    NEXT,
     "half a migration",
     sqlite=("ALTER TABLE requests ADD COLUMN half TEXT", "THIS IS NOT SQL"),
     postgresql=("ALTER TABLE requests ADD COLUMN half TEXT", "THIS IS NOT SQL"),
@@ -504,7 +506,7 @@ async def test_migrations_upgrade_an_older_store_in_place(store: Store) -> None:
         new.append(make_record(2))
         await new.close()
     versions = await store.query("SELECT version, description FROM schema_version ORDER BY 1")
-    assert [version for version, _ in versions] == [1, 2]
+    assert [version for version, _ in versions] == list(range(1, NEXT + 1))
     assert "note" in await store.columns("requests")
     assert (await store.query("SELECT count(*) FROM requests"))[0][0] == 2
 
@@ -517,9 +519,28 @@ async def test_a_failed_migration_leaves_the_previous_version_whole(store: Store
 
     with pytest.raises(LedgerError):
         await store.open(migrations=(*MIGRATIONS, BROKEN)).start()
-    assert [row[0] for row in await store.query("SELECT version FROM schema_version")] == [1]
+    versions = await store.query("SELECT version FROM schema_version ORDER BY 1")
+    assert [row[0] for row in versions] == list(range(1, NEXT))
     assert "half" not in await store.columns("requests")
     assert (await store.query("SELECT count(*) FROM requests"))[0][0] == 1
+
+
+async def test_a_version_1_store_gains_the_degraded_column(store: Store) -> None:
+    first = store.open(migrations=MIGRATIONS[:1])
+    await first.start()  # the schema as the first release left it
+    await first.close()
+    assert "degraded" not in await store.columns("requests")
+    ledger = store.open(flush_interval=0.02)
+    await ledger.start()
+    record = make_record(7)
+    record.degraded = "max_tokens 512→64"
+    ledger.append(record)
+    await ledger.close()
+    reopened = store.open()
+    await reopened.start()
+    stored = await reopened.get("req-7")
+    await reopened.close()
+    assert stored is not None and stored["degraded"] == "max_tokens 512→64"
 
 
 async def test_a_store_from_a_newer_joulegate_is_refused(store: Store) -> None:

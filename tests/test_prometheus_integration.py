@@ -40,6 +40,32 @@ NOT_YET_EXPORTED: set[str] = set()  # metrics a dashboard shows before joulegate
 # test's traffic at a 1 s scrape interval.
 GRAFANA_BUILTINS = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "1s"}
 KEYS = {"key-search": "team-search", "key-ads": "team-ads"}
+# One budget per action, none ever spent (every request must answer 200), so that each
+# budget series exists: the rejected and degraded counters only for reject and degrade budgets.
+BUDGETS = [
+    {
+        "name": "search-daily",
+        "tenant": "team-search",
+        "limit": "1 kWh",
+        "window": "day",
+        "action": "reject",
+    },
+    {
+        "name": "everyone-hourly",
+        "tenant": "*",
+        "limit": "1 kWh",
+        "window": "rolling:1h",
+        "action": "degrade",
+        "degrade": {"model": "tiny-chat"},
+    },
+    {
+        "name": "ads-weekly",
+        "tenant": "team-ads",
+        "limit": "10 kWh",
+        "window": "week",
+        "action": "alert",
+    },
+]
 # Counters every request moves.
 TRAFFIC_COUNTERS = [
     *(
@@ -103,6 +129,7 @@ async def metered_joulegate() -> AsyncIterator[tuple[str, web.Application]]:
             api_keys=api_keys,
             carbon_intensity=350,
             pue=1.2,
+            budgets=BUDGETS,
         ) as (url, app),
     ):
         yield url, app

@@ -66,6 +66,7 @@ COPIED: tuple[str, ...] = (
     "facility_energy_joules",
     "carbon_grams",
     "carbon_intensity_g_per_kwh",
+    "degraded",  # since schema 2
 )
 COMPUTED: tuple[str, ...] = ("instance", "ended_at", "devices")
 COLUMNS: tuple[str, ...] = COPIED + COMPUTED
@@ -371,8 +372,11 @@ _POSTGRESQL_V1 = (
     )""",
 )
 
+_ADD_DEGRADED = ("ALTER TABLE requests ADD COLUMN degraded TEXT",)
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "requests and their hourly totals", _SQLITE_V1, _POSTGRESQL_V1),
+    Migration(2, "what an energy budget changed on a request", _ADD_DEGRADED, _ADD_DEGRADED),
 )
 
 

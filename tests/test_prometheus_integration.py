@@ -1,8 +1,8 @@
 """A real Prometheus scrapes a real joulegate: every dashboard query and recording rule
 returns data, and `promtool check metrics` finds nothing to say about joulegate's metrics.
 
-joulegate runs in-process with the synthetic meter in front of a fake OpenAI upstream;
-Prometheus (the `prometheus` binary on PATH, which CI installs) scrapes it every second with
+joulegate runs in-process with the synthetic meter in front of the model server on its tiny
+models; Prometheus (the `prometheus` binary on PATH, which CI installs) scrapes it every second with
 deploy/prometheus/rules/*.yml loaded.
 """
 
@@ -17,7 +17,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -25,8 +25,14 @@ import yaml
 from aiohttp import web
 
 from proxy.grafana import dashboards
-from tests.fake_openai import create_fake_openai
-from tests.servers import closed_port_url, joulegate, serve, settled
+from tests.servers import closed_port_url, joulegate, settled
+
+if TYPE_CHECKING:
+    from model_server.app import RunningServer
+
+for _needed in ("torch", "transformers", "diffusers"):
+    pytest.importorskip(_needed, reason="needs the model-server extra")
+pytest_plugins = ["tests.model_server_fixtures"]
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -56,7 +62,7 @@ BUDGETS = [
         "limit": "1 kWh",
         "window": "rolling:1h",
         "action": "degrade",
-        "degrade": {"model": "tiny-chat"},
+        "degrade": {"model": "tiny-gpt2"},
     },
     {
         "name": "ads-weekly",
@@ -78,34 +84,26 @@ TRAFFIC_COUNTERS = [
 ]
 
 
-async def images(request: web.Request) -> web.Response:
-    """An OpenAI images answer: joulegate counts the entries of `data`."""
-    body = await request.json()
-    count = int(body.get("n") or 1)
-    return web.json_response(
-        {"created": int(time.time()), "data": [{"b64_json": "iVBORw0KGgo="}] * count}
-    )
-
-
-def upstream_app() -> web.Application:
-    app = create_fake_openai()
-    app.router.add_post("/v1/images/generations", images)
-    return app
-
-
 async def drive(session: aiohttp.ClientSession, url: str, rounds: int, pause: float) -> None:
-    """Every task the fake upstream serves, for two tenants and anonymous, streamed or not."""
+    """Generation, embeddings and images on the tiny models, for two tenants and anonymous,
+    streamed or not."""
     for _ in range(rounds):
         calls = []
         for key in [*KEYS, None]:
             headers = {"Authorization": f"Bearer {key}"} if key else {}
-            chat = {"model": "tiny-chat", "messages": [{"role": "user", "content": "hi"}]}
+            chat = {
+                "model": "tiny-gpt2",
+                "messages": [{"role": "user", "content": "hi"}],
+                "max_tokens": 4,
+            }
+            completion = {"model": "tiny-gpt2", "prompt": "a", "max_tokens": 4}
+            image = {"model": "tiny-sd", "prompt": "a", "n": 2, "size": "16x16"}
             calls += [
                 ("/v1/chat/completions", chat, headers),
                 ("/v1/chat/completions", {**chat, "stream": True}, headers),
-                ("/v1/completions", {"model": "tiny-completion", "prompt": "a"}, headers),
-                ("/v1/embeddings", {"model": "tiny-embed", "input": ["a", "b"]}, headers),
-                ("/v1/images/generations", {"model": "tiny-sd", "prompt": "a", "n": 2}, headers),
+                ("/v1/completions", completion, headers),
+                ("/v1/embeddings", {"model": "tiny-bert-embeddings", "input": ["a", "b"]}, headers),
+                ("/v1/images/generations", image, headers),
             ]
 
         async def call(path: str, body: dict[str, Any], headers: dict[str, str]) -> None:
@@ -118,10 +116,10 @@ async def drive(session: aiohttp.ClientSession, url: str, rounds: int, pause: fl
 
 
 @contextlib.asynccontextmanager
-async def metered_joulegate() -> AsyncIterator[tuple[str, web.Application]]:
+async def metered_joulegate(upstream: str) -> AsyncIterator[tuple[str, web.Application]]:
+    """joulegate (synthetic meter) in front of the model server on its tiny models."""
     api_keys = {hashlib.sha256(key.encode()).hexdigest(): tenant for key, tenant in KEYS.items()}
     async with (
-        serve(upstream_app()) as upstream,
         joulegate(
             upstream,
             meter="synthetic:100",
@@ -233,8 +231,13 @@ def recording_rules() -> list[str]:
 @pytest.mark.skipif(
     PROMETHEUS is None, reason="the prometheus binary is not on PATH (apt-get install prometheus)"
 )
-async def test_every_dashboard_query_and_recording_rule_returns_data(tmp_path: Path) -> None:
-    async with metered_joulegate() as (url, app), aiohttp.ClientSession() as session:
+async def test_every_dashboard_query_and_recording_rule_returns_data(
+    tmp_path: Path, model_server: RunningServer
+) -> None:
+    async with (
+        metered_joulegate(model_server.url) as (url, app),
+        aiohttp.ClientSession() as session,
+    ):
         target = url.removeprefix("http://")
         config = prometheus_config(target, tmp_path)
         async with running_prometheus(config, tmp_path) as prometheus_url:
@@ -277,12 +280,12 @@ async def test_every_dashboard_query_and_recording_rule_returns_data(tmp_path: P
                         if any(metric in expr for metric in NOT_YET_EXPORTED):
                             await api.query(expr)  # valid PromQL all the same
                             continue
-                        if not await api.wait_for(expr, timeout=5):
+                        if not await api.wait_for(expr, timeout=15):
                             empty.append(f"{name}: {panel['title']} ({query['refId']}): {expr}")
             assert not empty, "panel queries without data:\n" + "\n".join(empty)
 
             for record in recording_rules():
-                assert await api.wait_for(record, timeout=5), f"recording rule {record}: no data"
+                assert await api.wait_for(record, timeout=15), f"recording rule {record}: no data"
             groups = (await api.get("rules"))["groups"]
             assert groups
             for group in groups:
@@ -291,8 +294,11 @@ async def test_every_dashboard_query_and_recording_rule_returns_data(tmp_path: P
 
 
 @pytest.mark.skipif(PROMTOOL is None, reason="promtool is not on PATH (apt-get install prometheus)")
-async def test_promtool_check_metrics_finds_nothing() -> None:
-    async with metered_joulegate() as (url, app), aiohttp.ClientSession() as session:
+async def test_promtool_check_metrics_finds_nothing(model_server: RunningServer) -> None:
+    async with (
+        metered_joulegate(model_server.url) as (url, app),
+        aiohttp.ClientSession() as session,
+    ):
         await drive(session, url, rounds=1, pause=0)
         await settled(app)
         async with session.get(f"{url}/metrics") as response:

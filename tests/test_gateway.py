@@ -143,7 +143,7 @@ def png(width: int, height: int) -> str:
 # --- one exchange per route, with its record checked ----------------------------------------
 
 
-async def chat(gw: Gateway) -> None:
+async def check_chat(gw: Gateway) -> None:
     """Not streamed; the id is joulegate's own, read back from the answer's headers."""
     raw = await gw.sdk.chat.completions.with_raw_response.create(
         model=LM, messages=CHAT, max_tokens=5, extra_body=IGNORE_EOS
@@ -158,7 +158,7 @@ async def chat(gw: Gateway) -> None:
     assert record.output_tokens == 5
 
 
-async def chat_stream_without_usage(gw: Gateway) -> None:
+async def check_chat_stream_without_usage(gw: Gateway) -> None:
     """joulegate asks upstream for usage on the client's behalf and hides that chunk again."""
     request_id = new_id()
     stream = await gw.sdk.chat.completions.create(
@@ -184,7 +184,7 @@ async def chat_stream_without_usage(gw: Gateway) -> None:
     assert record.output_tokens == 6
 
 
-async def chat_stream_with_usage(gw: Gateway) -> None:
+async def check_chat_stream_with_usage(gw: Gateway) -> None:
     request_id = new_id()
     stream = await gw.sdk.chat.completions.create(
         model=LM,
@@ -206,7 +206,7 @@ async def chat_stream_with_usage(gw: Gateway) -> None:
     assert record.output_tokens == 4
 
 
-async def completions(gw: Gateway) -> None:
+async def check_completions(gw: Gateway) -> None:
     args: dict[str, Any] = {"model": LM, "prompt": "Energy per request", "temperature": 0}
     whole_id, stream_id = new_id(), new_id()
     whole = await gw.sdk.completions.create(
@@ -227,7 +227,7 @@ async def completions(gw: Gateway) -> None:
         assert record.output_tokens == 5
 
 
-async def embeddings(gw: Gateway) -> None:
+async def check_embeddings(gw: Gateway) -> None:
     request_id = new_id()
     answer = await gw.sdk.embeddings.create(
         model=EMBEDDER,
@@ -241,7 +241,7 @@ async def embeddings(gw: Gateway) -> None:
     assert record.output_tokens is None
 
 
-async def images(gw: Gateway) -> str:
+async def check_images(gw: Gateway) -> str:
     """Two 16x16 images in 2 steps; returns the first, as base64 PNG."""
     request_id = new_id()
     answer = await gw.sdk.images.generate(
@@ -268,7 +268,7 @@ async def images(gw: Gateway) -> str:
     return first
 
 
-async def image_classification(gw: Gateway, image: str) -> None:
+async def check_image_classification(gw: Gateway, image: str) -> None:
     width, height = Image.open(io.BytesIO(base64.b64decode(image))).size
     request_id = new_id()
     body = {"model": VIT, "image": image, "top_k": 2}
@@ -282,7 +282,7 @@ async def image_classification(gw: Gateway, image: str) -> None:
     assert record.pixels == width * height
 
 
-async def classification(gw: Gateway) -> None:
+async def check_classification(gw: Gateway) -> None:
     request_id = new_id()
     body = {"model": CLASSIFIER, "input": ["great", "awful service"]}
     status, answer, _ = await gw.post("/v1/classifications", body, request_id)
@@ -294,7 +294,7 @@ async def classification(gw: Gateway) -> None:
     assert record.output_tokens is None
 
 
-async def summarization(gw: Gateway) -> None:
+async def check_summarization(gw: Gateway) -> None:
     request_id = new_id()
     body = {"model": SUMMARIZER, "input": "The quick brown fox jumps over the lazy dog."}
     status, answer, _ = await gw.post("/v1/summarizations", {**body, "max_tokens": 5}, request_id)
@@ -312,28 +312,28 @@ async def summarization(gw: Gateway) -> None:
 
 
 async def test_chat_through_joulegate(gateway: Gateway) -> None:
-    await chat(gateway)
-    await chat_stream_without_usage(gateway)
-    await chat_stream_with_usage(gateway)
+    await check_chat(gateway)
+    await check_chat_stream_without_usage(gateway)
+    await check_chat_stream_with_usage(gateway)
 
 
 async def test_completions_through_joulegate(gateway: Gateway) -> None:
-    await completions(gateway)
+    await check_completions(gateway)
 
 
 async def test_embeddings_through_joulegate(gateway: Gateway) -> None:
-    await embeddings(gateway)
+    await check_embeddings(gateway)
 
 
 async def test_images_then_their_classification_through_joulegate(gateway: Gateway) -> None:
-    await image_classification(gateway, await images(gateway))
+    await check_image_classification(gateway, await check_images(gateway))
 
 
 async def test_text_classification_and_summarization_through_joulegate(
     gateway: Gateway,
 ) -> None:
-    await classification(gateway)
-    await summarization(gateway)
+    await check_classification(gateway)
+    await check_summarization(gateway)
 
 
 async def test_a_stream_without_include_usage_reaches_the_client_as_openai_sends_it(
@@ -529,13 +529,13 @@ async def test_bad_parameters_get_the_upstreams_400_naming_the_field(gateway: Ga
 
 
 async def test_metrics_after_a_mix_of_every_task_add_up(gateway: Gateway) -> None:
-    await chat(gateway)
-    await chat_stream_without_usage(gateway)
-    await completions(gateway)
-    await embeddings(gateway)
-    await image_classification(gateway, await images(gateway))
-    await classification(gateway)
-    await summarization(gateway)
+    await check_chat(gateway)
+    await check_chat_stream_without_usage(gateway)
+    await check_completions(gateway)
+    await check_embeddings(gateway)
+    await check_image_classification(gateway, await check_images(gateway))
+    await check_classification(gateway)
+    await check_summarization(gateway)
     with pytest.raises(openai.NotFoundError):  # a made-up model never becomes a label
         await gateway.sdk.embeddings.create(model="no-such-model", input="x")
     await settled(gateway.app, timeout=HOLD_TIMEOUT)
@@ -579,7 +579,7 @@ async def test_metrics_after_a_mix_of_every_task_add_up(gateway: Gateway) -> Non
 
 
 async def test_images_total_counts_generated_images_only(gateway: Gateway) -> None:
-    await image_classification(gateway, png(40, 30))
+    await check_image_classification(gateway, png(40, 30))
     await settled(gateway.app, timeout=HOLD_TIMEOUT)
     exposition = await gateway.metrics()
     assert metric_series(exposition, "joulegate_images_total") == {}

@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
 from proxy.attribution import Attributor
-from proxy.budgets import Budgets, BudgetScope, read_state, write_state
+from proxy.budgets import Budgets, BudgetScope, SumEnergy, read_state, write_state
 from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
@@ -39,6 +39,8 @@ SAMPLER = web.AppKey("sampler", Sampler)
 BUDGETS = web.AppKey("budgets", Budgets)
 # How often the budget state file is rewritten (when something changed), besides at shutdown.
 BUDGET_STATE_SAVE_SECONDS = 10.0
+# How often budgets over a shared (PostgreSQL) ledger re-read the fleet's spending.
+BUDGET_RELOAD_SECONDS = 10.0
 
 
 async def health(request: web.Request) -> web.Response:
@@ -172,11 +174,31 @@ async def _ledgering(
     ledger: Ledger, budgets: Budgets | None, app: web.Application
 ) -> AsyncIterator[None]:
     await ledger.start()
+    reload = None
     if budgets is not None:
-        await budgets.load(partial(_ledger_energy, ledger), time.time())
+        sum_energy = partial(_ledger_energy, ledger)
+        await budgets.load(sum_energy, time.time())
         log.info("budgets: used energy rebuilt from the ledger")
+        if ledger.backend == "postgresql":
+            reload = asyncio.create_task(_reload_budgets(budgets, sum_energy))
     yield
+    if reload is not None:
+        reload.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reload
     await ledger.close()
+
+
+async def _reload_budgets(budgets: Budgets, sum_energy: SumEnergy) -> None:
+    """A shared ledger holds the whole fleet's records: re-reading it now and then lets each
+    proxy's budgets count what the others spent (up to their flush interval and this one);
+    each proxy's reservations in flight stay its own."""
+    while True:
+        await asyncio.sleep(BUDGET_RELOAD_SECONDS)
+        try:
+            await budgets.load(sum_energy, time.time())
+        except LedgerError as error:
+            log.warning("budgets: cannot re-read the ledger (%s); keeping what is known", error)
 
 
 async def _ledger_energy(ledger: Ledger, scope: BudgetScope, start: float, end: float) -> float:

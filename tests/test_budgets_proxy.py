@@ -4,6 +4,7 @@ is known, so that what a budget allows, refuses or rewrites can be asserted exac
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import threading
 import time
@@ -25,6 +26,9 @@ from tests.servers import closed_port_url, joulegate, metric_series, serve, sett
 INTERVAL = 0.02
 WATTS = 100.0  # per request the upstream is working on
 BODIES = web.AppKey("bodies", list)
+
+
+pytest_plugins = ["tests.postgres_fixtures"]
 
 
 class LoadMeter(Meter):
@@ -354,3 +358,79 @@ def test_the_window_length_gauge_follows_the_calendar() -> None:
         s.labels["budget"]: s.value for s in families["joulegate_budget_window_seconds"].samples
     }
     assert lengths == {"daily": 25 * 3600, "roll": 90 * 60}
+
+
+async def test_budgets_are_rebuilt_from_the_ledger_after_a_restart(tmp_path: Path) -> None:
+    config = settings(
+        budgets=[budget("ads-daily", "ads", "20 J", "reject")],
+        budget_default_estimate_joules=5,
+        ledger="sqlite",
+        data_dir=str(tmp_path),
+        ledger_flush_interval_seconds=0.02,
+    )
+    labels = '{budget="ads-daily",tenant="ads"}'
+    meter = LoadMeter(0.1)
+    async with (
+        serve(working_upstream(meter)) as upstream,
+        joulegate(upstream, meter_instance=meter, **config) as (proxy, app),
+        aiohttp.ClientSession() as client,
+    ):
+        for _ in range(2):
+            assert (await chat(client, proxy, "ads"))[0] == 200
+            await settled(app)
+        used = metric_series(await scrape(client, proxy), "joulegate_budget_used_joules")[labels]
+    assert not (tmp_path / "budgets.json").exists()  # no state file: the ledger is the state
+
+    meter = LoadMeter(0.1)
+    upstream_app = working_upstream(meter)
+    async with (
+        serve(upstream_app) as upstream,
+        joulegate(upstream, meter_instance=meter, **config) as (proxy, app),
+        aiohttp.ClientSession() as client,
+    ):
+        rebuilt = metric_series(await scrape(client, proxy), "joulegate_budget_used_joules")
+        status, _, _ = await chat(client, proxy, "ads")
+    assert rebuilt[labels] == pytest.approx(used)
+    assert status == 429
+    assert upstream_app[BODIES] == []
+
+
+async def test_proxies_sharing_a_postgresql_ledger_share_their_budgets(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if not glob.glob("/usr/lib/postgresql/*/bin/initdb"):
+        pytest.skip("no PostgreSQL server here (CI installs Debian's postgresql)")
+    dsn = request.getfixturevalue("postgres_database")
+    monkeypatch.setattr("proxy.server.BUDGET_RELOAD_SECONDS", 0.1)
+    config = settings(
+        budgets=[budget("ads-daily", "ads", "20 J", "reject")],
+        budget_default_estimate_joules=5,
+        ledger=dsn,
+        ledger_flush_interval_seconds=0.02,
+    )
+    meter_a, meter_b = LoadMeter(0.1), LoadMeter(0.1)
+    upstream_b = working_upstream(meter_b)
+    async with (
+        serve(working_upstream(meter_a)) as upstream,
+        serve(upstream_b) as other_upstream,
+        joulegate(upstream, meter_instance=meter_a, instance="node-a", **config) as (a, app_a),
+        joulegate(other_upstream, meter_instance=meter_b, instance="node-b", **config) as (
+            b,
+            _,
+        ),
+        aiohttp.ClientSession() as client,
+    ):
+        for _ in range(2):  # node a spends the tenant's budget
+            assert (await chat(client, a, "ads"))[0] == 200
+            await settled(app_a)
+        labels = '{budget="ads-daily",tenant="ads"}'
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:  # node b learns it from the shared ledger
+            seen = metric_series(await scrape(client, b), "joulegate_budget_used_joules")
+            if seen[labels] >= 16 or asyncio.get_running_loop().time() > deadline:
+                break
+            await asyncio.sleep(0.05)
+        status, _, _ = await chat(client, b, "ads")
+    assert seen[labels] >= 16
+    assert status == 429
+    assert upstream_b[BODIES] == []

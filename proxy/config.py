@@ -170,14 +170,20 @@ def _byte_size(value: Any) -> int:
     return size
 
 
-def _positive_float(value: Any) -> float:
+def _finite_float(value: Any, *, zero_allowed: bool) -> float:
+    expected = "a number >= 0" if zero_allowed else "a positive number"
     try:
         number = float(value)
     except (TypeError, ValueError, OverflowError):
-        raise ValueError(f"expected a positive number, got {value!r}") from None
-    if isinstance(value, bool) or not number > 0 or number == float("inf"):
-        raise ValueError(f"expected a positive number, got {value!r}")
+        raise ValueError(f"expected {expected}, got {value!r}") from None
+    low_ok = number >= 0 if zero_allowed else number > 0
+    if isinstance(value, bool) or not low_ok or number == float("inf"):
+        raise ValueError(f"expected {expected}, got {value!r}")
     return number
+
+
+def _positive_float(value: Any) -> float:
+    return _finite_float(value, zero_allowed=False)
 
 
 def _positive_int(value: Any) -> int:
@@ -200,9 +206,7 @@ def _sample_interval(value: Any) -> float:
 
 
 def _non_negative_float(value: Any) -> float:
-    if value in (0, "0"):
-        return 0.0
-    return _positive_float(value)
+    return _finite_float(value, zero_allowed=True)
 
 
 def _weights(value: Any) -> str:

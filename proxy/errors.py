@@ -13,7 +13,8 @@ def error_response(
     error_type: str,
     code: str,
     headers: Mapping[str, str] | None = None,
+    param: str | None = None,
 ) -> web.Response:
     """`{"error": {"message", "type", "code", "param"}}` with the given HTTP status."""
-    body = {"error": {"message": message, "type": error_type, "code": code, "param": None}}
+    body = {"error": {"message": message, "type": error_type, "code": code, "param": param}}
     return web.json_response(body, status=status, headers=headers)

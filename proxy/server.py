@@ -22,6 +22,7 @@ from proxy.budgets import Budgets, BudgetScope, SumEnergy, read_state, write_sta
 from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
+from proxy.errors import error_response
 from proxy.forward import Forwarder
 from proxy.ledger import Ledger, LedgerError, open_ledger
 from proxy.meter import Meter, open_meter
@@ -76,28 +77,16 @@ async def request_record(request: web.Request) -> web.Response:
         try:
             document = await ledger.get(request_id)
         except LedgerError as error:
-            return web.json_response(
-                {
-                    "error": {
-                        "message": f"The ledger cannot be read now: {error}",
-                        "type": "server_error",
-                        "code": "ledger_unavailable",
-                        "param": None,
-                    }
-                },
-                status=503,
+            return error_response(
+                503, f"The ledger cannot be read now: {error}", "server_error", "ledger_unavailable"
             )
     if document is None:
-        return web.json_response(
-            {
-                "error": {
-                    "message": f"No finished request with id {request_id!r} is known.",
-                    "type": "not_found_error",
-                    "code": "request_not_found",
-                    "param": "id",
-                }
-            },
-            status=404,
+        return error_response(
+            404,
+            f"No finished request with id {request_id!r} is known.",
+            "not_found_error",
+            "request_not_found",
+            param="id",
         )
     return web.json_response(document)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -54,11 +55,13 @@ def metric_series(exposition: str, name: str) -> dict[str, float]:
     return found
 
 
-def closed_port_url() -> str:
-    """A loopback URL nothing listens on (the port was bound, then released)."""
-    import socket
-
+def free_port() -> int:
+    """A loopback port nothing listens on (it was bound, then released)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        return sock.getsockname()[1]
+
+
+def closed_port_url() -> str:
+    """A loopback URL nothing listens on."""
+    return f"http://127.0.0.1:{free_port()}"

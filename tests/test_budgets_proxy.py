@@ -269,6 +269,23 @@ async def test_a_burst_cannot_overshoot_a_nearly_spent_budget_by_more_than_one_e
     assert len(upstream_app[BODIES]) == 5 + admitted
 
 
+async def after_a_restart(
+    config: dict[str, Any],
+) -> tuple[dict[str, float], int, CIMultiDict[str], list[Any]]:
+    """A fresh proxy with `config`: the budgets' used energy it starts with, its answer to
+    one more request of tenant `ads`, and what of that reached the upstream."""
+    meter = LoadMeter(0.1)
+    upstream_app = working_upstream(meter)
+    async with (
+        serve(upstream_app) as upstream,
+        joulegate(upstream, meter_instance=meter, **config) as (proxy, _),
+        aiohttp.ClientSession() as client,
+    ):
+        used = metric_series(await scrape(client, proxy), "joulegate_budget_used_joules")
+        status, headers, _ = await chat(client, proxy, "ads")
+    return used, status, headers, upstream_app[BODIES]
+
+
 async def test_budget_state_survives_a_restart(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -295,18 +312,10 @@ async def test_budget_state_survives_a_restart(
         assert sum(j for _, j in saved["budgets"]["ads-daily"]["buckets"]) == pytest.approx(used)
     assert 16.0 <= used <= 21.0
 
-    meter = LoadMeter(0.1)
-    upstream_app = working_upstream(meter)
-    async with (
-        serve(upstream_app) as upstream,
-        joulegate(upstream, meter_instance=meter, **config) as (proxy, app),
-        aiohttp.ClientSession() as client,
-    ):
-        restored = metric_series(await scrape(client, proxy), "joulegate_budget_used_joules")
-        status, headers, _ = await chat(client, proxy, "ads")
+    restored, status, headers, forwarded = await after_a_restart(config)
     assert restored[labels] == pytest.approx(used)
     assert status == 429 and int(headers["Retry-After"]) >= 1
-    assert upstream_app[BODIES] == []
+    assert forwarded == []
 
 
 async def test_a_request_that_never_reached_the_upstream_gives_its_reservation_back() -> None:
@@ -381,18 +390,10 @@ async def test_budgets_are_rebuilt_from_the_ledger_after_a_restart(tmp_path: Pat
         used = metric_series(await scrape(client, proxy), "joulegate_budget_used_joules")[labels]
     assert not (tmp_path / "budgets.json").exists()  # no state file: the ledger is the state
 
-    meter = LoadMeter(0.1)
-    upstream_app = working_upstream(meter)
-    async with (
-        serve(upstream_app) as upstream,
-        joulegate(upstream, meter_instance=meter, **config) as (proxy, app),
-        aiohttp.ClientSession() as client,
-    ):
-        rebuilt = metric_series(await scrape(client, proxy), "joulegate_budget_used_joules")
-        status, _, _ = await chat(client, proxy, "ads")
+    rebuilt, status, _, forwarded = await after_a_restart(config)
     assert rebuilt[labels] == pytest.approx(used)
     assert status == 429
-    assert upstream_app[BODIES] == []
+    assert forwarded == []
 
 
 async def test_proxies_sharing_a_postgresql_ledger_share_their_budgets(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +11,7 @@ import pytest
 from proxy.demo import WORKLOAD, format_table
 from proxy.records import RequestRecord
 from proxy.study import study_figures
+from tests.servers import free_port
 
 
 def _record(task: str, joules: float | None, status: str = "ok") -> RequestRecord:
@@ -47,9 +47,7 @@ def test_study_figures_come_from_table_2() -> None:
 
 def test_demo_runs_the_mixed_workload_end_to_end() -> None:
     pytest.importorskip("diffusers", reason="needs the model-server extra")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     joulegate = Path(sys.executable).with_name("joulegate")
     arguments = ["demo", "--exit", "--rounds", "1", "--meter", "synthetic:100"]
     done = subprocess.run(

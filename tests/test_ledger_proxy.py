@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -16,7 +15,7 @@ import aiohttp
 from proxy.ledger import open_ledger
 from proxy.server import RECORDER
 from tests.fake_openai import create_fake_openai
-from tests.servers import joulegate, metric_series, serve, settled
+from tests.servers import free_port, joulegate, metric_series, serve, settled
 
 
 async def test_records_outlive_the_proxy_and_are_served_from_the_ledger(tmp_path: Path) -> None:
@@ -54,18 +53,12 @@ async def test_records_outlive_the_proxy_and_are_served_from_the_ledger(tmp_path
     assert sum(written.values()) + sum(queued.values()) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def test_sigterm_under_load_drains_and_every_completed_request_is_in_the_ledger(
     tmp_path: Path,
 ) -> None:
     upstream_app = create_fake_openai()
     async with serve(upstream_app) as upstream:
-        port = _free_port()
+        port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("JOULEGATE_")}
         env |= {"JOULEGATE_DATA_DIR": str(tmp_path), "JOULEGATE_LOG_LEVEL": "warning"}
         joulegate_bin = Path(sys.executable).with_name("joulegate")

@@ -42,9 +42,13 @@ test: install
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q
 
+# The load and soak tests (tests/test_load.py): 1,000 concurrent SSE streams held for
+# JOULEGATE_STREAMS_SECONDS (default 60) and a soak of JOULEGATE_SOAK_SECONDS (default 600)
+# after ~170,000 requests that fill what joulegate keeps in memory: about 15 minutes on 2
+# cores. -s shows their figures.
 # pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: install
-	$(BIN)/pytest -q -m slow || [ $$? -eq 5 ]
+	$(BIN)/pytest -q -s -m slow || [ $$? -eq 5 ]
 
 lint: install
 	$(BIN)/ruff check .
@@ -54,12 +58,12 @@ format: install
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Every benchmark in benchmarks/, one after another, then one table of figures against
+# targets (also written with each benchmark's output to bench-results.md): about 20 minutes.
+# `make bench BENCH_ARGS=--quick` shortens each (about 3 minutes, rough figures);
+# BENCH_ARGS='--only soak' runs one.
 bench: install
-	$(BIN)/python benchmarks/proxy_overhead.py
-	$(BIN)/python benchmarks/attribution_accuracy.py
-	$(BIN)/python benchmarks/ledger.py
-	$(BIN)/python benchmarks/gpu_check.py
-	$(BIN)/python benchmarks/gpu_tasks.py
+	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -1,6 +1,7 @@
 """How accurately does the Attributor recover per-request energy from a realistic energy counter?
 
 Run: ``.venv/bin/python benchmarks/attribution_accuracy.py [--seconds S] [--seed N]``
+(``--rows-json PATH`` also writes the headline figures as rows for ``run_all.py``)
 
 The simulated GPU has a known power timeline: an idle baseline plus, for every request in flight,
 that request's own constant power (homogeneous requests: the same power each, scaled as
@@ -41,6 +42,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results import Row, write_rows
+from benchmarks.results import verdict as row_verdict
 from proxy.attribution import Attributor, Span
 from proxy.meter.base import Meter, Reading
 from proxy.sampler import Sampler
@@ -315,8 +318,10 @@ def verdict(ok: bool) -> str:
     return "PASS" if ok else "FAIL"
 
 
-def print_table(title: str, seed: int, seconds: float, center_changes: bool) -> bool:
-    """Run the three concurrency levels and print one table; True if every row passes."""
+def print_table(
+    title: str, seed: int, seconds: float, center_changes: bool
+) -> tuple[bool, list[Result]]:
+    """Run the three concurrency levels and print one table; (every row passes, results)."""
     print(title)
     header = (
         f"{'concurrency':>11} {'requests':>8} {'median err':>10} {'p95 err':>8} "
@@ -325,28 +330,69 @@ def print_table(title: str, seed: int, seconds: float, center_changes: bool) -> 
     print(header)
     print("-" * len(header))
     ok_all = True
+    results = []
     for level, concurrency in enumerate((1, 8, 64)):
         rng = random.Random(seed * 1000 + level)
         r = run_level(rng, concurrency, seconds, center_changes=center_changes)
-        ok = (
-            r.median <= TARGET_MEDIAN[concurrency]
-            and r.p95 < TARGET_P95
-            and r.conservation < TARGET_CONSERVATION
-            and r.missing == 0
-        )
+        results.append(r)
+        ok = level_ok(r)
         ok_all &= ok
         print(
             f"{r.concurrency:>11} {r.requests:>8} {r.median:>10.2%} {r.p95:>8.2%} "
             f"{r.dyn_median:>10.2%} {r.dyn_p95:>8.2%} {r.missing:>4} {r.conservation:>12.1e} "
             f"{r.seconds:>6.2f}  {verdict(ok)}"
         )
-    return ok_all
+    return ok_all, results
+
+
+def level_ok(r: Result) -> bool:
+    return (
+        r.median <= TARGET_MEDIAN[r.concurrency]
+        and r.p95 < TARGET_P95
+        and r.conservation < TARGET_CONSERVATION
+        and r.missing == 0
+    )
+
+
+def summary_rows(results: list[Result], sampler_per_1000: float) -> list[Row]:
+    """The headline figures for `run_all.py`: error per concurrency, conservation, sampler."""
+    rows = [
+        Row(
+            f"attribution error, concurrency {r.concurrency} (median / p95)",
+            f"<= {TARGET_MEDIAN[r.concurrency]:.0%} / < {TARGET_P95:.0%}",
+            f"{r.median:.2%} / {r.p95:.2%} ({r.requests:,} requests, {r.missing} null)",
+            row_verdict(
+                r.median <= TARGET_MEDIAN[r.concurrency] and r.p95 < TARGET_P95 and not r.missing
+            ),
+        )
+        for r in results
+    ]
+    worst = max(r.conservation for r in results)
+    rows.append(
+        Row(
+            "attribution conservation (attributed + idle vs metered)",
+            f"< {TARGET_CONSERVATION:.0e} relative",
+            f"{worst:.1e}",
+            row_verdict(worst < TARGET_CONSERVATION),
+        )
+    )
+    rows.append(
+        Row(
+            "sampler CPU per 1,000 samples",
+            f"< {TARGET_CPU_PER_1000 * 1000:.0f} ms",
+            f"{sampler_per_1000 * 1000:.1f} ms "
+            f"({sampler_per_1000 / 1000 / SAMPLE_PERIOD:.2%} of a core at 50 ms)",
+            row_verdict(sampler_per_1000 < TARGET_CPU_PER_1000),
+        )
+    )
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=120.0, help="simulated traffic per level")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--rows-json", type=Path, help="also write the result rows here")
     args = parser.parse_args()
 
     print(
@@ -355,7 +401,7 @@ def main() -> int:
         f"noise {COUNTER_NOISE:.0%}; sampling every {SAMPLE_PERIOD * 1000:.0f} ms; "
         f"{args.seconds:.0f} s of traffic per level, seed {args.seed}\n"
     )
-    ok_all = print_table(
+    ok_all, results = print_table(
         "Attributor as configured (center_changes=True):", args.seed, args.seconds, True
     )
     print(
@@ -385,6 +431,7 @@ def main() -> int:
         f"  at the default 50 ms interval that is {per_1000 / 1000 / SAMPLE_PERIOD:.2%} of one core"
     )
     print(f"\noverall: {verdict(ok_all)}")
+    write_rows(args.rows_json, summary_rows(results, per_1000))
     return 0 if ok_all else 1
 
 

@@ -8,7 +8,7 @@ prints it beside the sum of the Joules joulegate attributed to the window's requ
 two must agree to within the counter's resolution and the idle tails; concurrently, the
 requests' shares must add up to the window.
 
-    .venv/bin/python benchmarks/gpu_check.py [--device 0] [--seconds 0.5 1 2]
+    .venv/bin/python benchmarks/gpu_check.py [--device 0] [--seconds 0.5 1 2] [--rows-json PATH]
 
 Without a GPU it says so and exits 0.
 """
@@ -20,10 +20,17 @@ import asyncio
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results import INFO, Row, write_rows
+
+MEASURE = "GPU check: joulegate's Joules vs NVML's own window"
 
 
 def _gpus(pynvml: Any) -> list[tuple[int, str, str]]:
@@ -65,7 +72,7 @@ def _load_app(device: int) -> web.Application:
     return app
 
 
-async def _run(device: int, lengths: list[float]) -> None:
+async def _run(device: int, lengths: list[float]) -> list[Row]:
     import pynvml
 
     from proxy.config import load_config
@@ -98,6 +105,7 @@ async def _run(device: int, lengths: list[float]) -> None:
                     value = response.headers.get("X-Energy-Joules", "unknown")
                     return None if value == "unknown" else float(value)
 
+            rows = []
             print(f"{'window':<22}{'NVML window J':>15}{'joulegate J':>14}{'diff %':>9}")
             for concurrency in (1, 4):
                 for seconds in lengths:
@@ -109,44 +117,58 @@ async def _run(device: int, lengths: list[float]) -> None:
                     attributed = sum(known) if len(known) == len(shares) else None
                     window = after - before
                     label = f"{concurrency} x {seconds:g} s"
+                    measure = f"GPU check {label}: joulegate J vs NVML window J"
                     if attributed is None:
                         print(f"{label:<22}{window:>15.2f}{'unknown':>14}")
+                        rows.append(Row(measure, "-", f"unknown vs {window:.2f}", INFO))
                         continue
                     diff = 100.0 * (attributed - window) / window
                     print(f"{label:<22}{window:>15.2f}{attributed:>14.2f}{diff:>9.2f}")
+                    value = f"{attributed:.2f} vs {window:.2f} ({diff:+.2f} %)"
+                    rows.append(Row(measure, "-", value, INFO))
+            return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", type=int, default=0)
     parser.add_argument("--seconds", type=float, nargs="+", default=[0.5, 1.0, 2.0])
+    parser.add_argument("--rows-json", type=Path, help="also write the result rows here")
     arguments = parser.parse_args()
+    rows = check(arguments.device, arguments.seconds)
+    write_rows(arguments.rows_json, rows)
+    return 0
+
+
+def check(device: int, lengths: list[float]) -> list[Row]:
+    """The windows' rows, or one saying why nothing could be checked."""
+
+    def nothing(why: str, detail: object = None) -> list[Row]:
+        print(f"gpu_check: {why}{f' ({detail})' if detail else ''}; nothing to check.")
+        return [Row(MEASURE, "-", f"no GPU ({detail or why})", INFO)]
+
     try:
         import pynvml
 
         pynvml.nvmlInit()
     except Exception as error:  # no library, no driver: not a GPU machine
-        print(f"gpu_check: no NVIDIA GPU here ({error}); nothing to check.")
-        return 0
+        return nothing("no NVIDIA GPU here", error)
     try:
         gpus = _gpus(pynvml)
         if not gpus:
-            print("gpu_check: NVML sees no GPU; nothing to check.")
-            return 0
+            return nothing("NVML sees no GPU")
         for index, name, uuid in gpus:
             print(f"gpu{index}: {name} {uuid}")
         try:
             import torch
         except ImportError:
             print("gpu_check: torch is not installed; install the model-server extra.")
-            return 0
+            return [Row(MEASURE, "-", "no GPU check: torch is not installed", INFO)]
         if not torch.cuda.is_available():
-            print("gpu_check: torch sees no CUDA device; nothing to check.")
-            return 0
-        asyncio.run(_run(arguments.device, arguments.seconds))
+            return nothing("torch sees no CUDA device")
+        return asyncio.run(_run(device, lengths))
     finally:
         pynvml.nvmlShutdown()
-    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ of image generation to text generation (Luccioni et al. 2024 found about 62x: 2.
 kWh per 1,000 inferences, on other models and settings).
 
     .venv/bin/python benchmarks/gpu_tasks.py [--requests 10] [--image-requests 3] [--json out.json]
+        [--rows-json PATH]
     .venv/bin/python benchmarks/gpu_tasks.py --smoke   # tiny models on the CPU, no energy
 
 Random weights cost the same compute as trained ones for a fixed amount of work, so every
@@ -40,6 +41,9 @@ from typing import Any
 
 import aiohttp
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from benchmarks.results import INFO, Row, write_rows
 from proxy.config import load_config as proxy_config
 from proxy.recorder import Recorder
 from proxy.server import RECORDER, create_app, serving
@@ -534,6 +538,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured requests per task")
     parser.add_argument("--tasks", nargs="*", help="only these tasks")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--rows-json", type=Path, help="also write the summary rows here")
     parser.add_argument(
         "--smoke", action="store_true", help="tiny models on the CPU, to check the plumbing"
     )
@@ -543,11 +548,26 @@ def main(argv: list[str] | None = None) -> int:
         if missing:
             print(f"gpu_tasks: no GPU to measure ({missing}); nothing to do.")
             print("Run it on a machine with an NVIDIA GPU, or with --smoke to check the plumbing.")
+            row = Row("GPU tasks: Wh per request per task", "-", f"no GPU ({missing})", INFO)
+            write_rows(args.rows_json, [row])
             return 0
     results = asyncio.run(run(args))
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=2))
+    write_rows(args.rows_json, summary_rows(results, smoke=args.smoke))
     return 0
+
+
+def summary_rows(results: list[Measurement], smoke: bool) -> list[Row]:
+    """joulegate's Wh per request for each task beside NVML's window (informational: the
+    study's figures are for other models and settings)."""
+    rows = []
+    where = " (CPU smoke run)" if smoke else ""
+    for r in results:
+        ours = "n/a" if r.joulegate_wh_per_request is None else f"{r.joulegate_wh_per_request:.6f}"
+        window = "" if r.wh_per_request is None else f" (NVML window {r.wh_per_request:.6f})"
+        rows.append(Row(f"GPU tasks{where}: {r.task} Wh/request", "-", ours + window, INFO))
+    return rows
 
 
 if __name__ == "__main__":

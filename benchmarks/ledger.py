@@ -1,6 +1,7 @@
 """The SQLite ledger: how fast it takes records in, and how fast a report reads 10 M of them.
 
     .venv/bin/python benchmarks/ledger.py [--records 100000] [--rows 10000000] [--raw]
+        [--rows-json PATH]
 
 1. Insert throughput. `SQLiteLedger` with its defaults (WAL, synchronous=FULL: one fsync per
    flush, flushes every 250 ms or per 2,000 records) takes finished `RequestRecord`s through
@@ -43,6 +44,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.results import INFO, Row, write_rows
+from benchmarks.results import verdict as row_verdict
 from proxy.ledger.sqlite import _ROLL_UP, SQLiteLedger
 from proxy.records import STATUS_OK, RequestRecord
 
@@ -207,7 +210,9 @@ async def main() -> int:
     parser.add_argument("--rows", type=int, default=10_000_000, help="rows in the report")
     parser.add_argument("--raw", action="store_true", help="also time a raw GROUP BY")
     parser.add_argument("--dir", type=Path, help="where to put the files (default: a temp dir)")
+    parser.add_argument("--rows-json", type=Path, help="also write the result rows here")
     arguments = parser.parse_args()
+    rows = []
 
     with tempfile.TemporaryDirectory(dir=arguments.dir, prefix="joulegate-ledger-") as scratch:
         directory = Path(scratch)
@@ -229,6 +234,14 @@ async def main() -> int:
                 f"({arguments.records:,} records, {flushes} flushes, "
                 f"append {append_us:.1f} us on the loop)"
             )
+            rows.append(
+                Row(
+                    f"ledger (SQLite) insert throughput, {kind}",
+                    f">= {INSERT_TARGET:,}/s" if ordered_ids else "- (baseline)",
+                    f"{rate:,.0f} records/s",
+                    row_verdict(rate >= INSERT_TARGET) if ordered_ids else INFO,
+                )
+            )
 
         path = directory / "report.db"
         built = await build(path, arguments.rows)
@@ -240,8 +253,17 @@ async def main() -> int:
             f"{REPORT_TARGET:.0f} s   {verdict(seconds < REPORT_TARGET)}   ({groups:,} groups "
             "of day x task x model x tenant x team)"
         )
+        rows.append(
+            Row(
+                f"report over {arguments.rows:,} ledger rows (by day)",
+                f"< {REPORT_TARGET:.0f} s",
+                f"{seconds:.2f} s",
+                row_verdict(seconds < REPORT_TARGET),
+            )
+        )
         if arguments.raw:
             print(f"  the same GROUP BY over the raw rows: {raw_report(path):.1f} s")
+    write_rows(arguments.rows_json, rows)
     return 0  # a benchmark reports; the tests are what fail
 
 

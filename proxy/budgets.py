@@ -513,15 +513,18 @@ class BudgetStatus:
     used_joules: float  # settled + reserved in the current window
     rejected: int
     degraded: int
-    window_seconds: float  # the current window's length (calendar days vary with DST)
+    spec: BudgetSpec
+    window_start: float  # the current window's bounds, Unix seconds
+    window_end: float
+
+    @property
+    def window_seconds(self) -> float:
+        """The current window's length (calendar days vary with DST)."""
+        return self.window_end - self.window_start
 
     @property
     def remaining_ratio(self) -> float:
         return max(0.0, self.limit_joules - self.used_joules) / self.limit_joules
-
-
-def _length(bounds: tuple[float, float]) -> float:
-    return bounds[1] - bounds[0]
 
 
 SumEnergy = Callable[[BudgetScope, float, float], Awaitable[float]]
@@ -688,7 +691,8 @@ class Budgets:
                 account.used(now),
                 account.rejected,
                 account.degraded,
-                _length(account.window.bounds(now)),
+                account.spec,
+                *account.window.bounds(now),
             )
             for account in self.accounts.values()
         ]

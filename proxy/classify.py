@@ -18,7 +18,7 @@ from proxy.config import Route
 ANONYMOUS = "anonymous"
 _BEARER = re.compile(r"^\s*bearer\s+(\S+)\s*$", re.IGNORECASE)
 # Headers that carry API keys in the OpenAI, Azure OpenAI and Anthropic styles.
-_KEY_HEADERS = ("api-key", "x-api-key")
+KEY_HEADERS = ("api-key", "x-api-key")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,14 +60,22 @@ class RouteTable:
         return "other", None
 
 
-def api_key_from(headers: Mapping[str, str]) -> str | None:
-    """The caller's API key, from `Authorization: Bearer`, `api-key` or `x-api-key`."""
+def bearer_token(headers: Mapping[str, str]) -> str | None:
+    """The token of `Authorization: Bearer <token>`, if the request carries one."""
     authorization = headers.get("Authorization")
     if authorization:
         found = _BEARER.match(authorization)
         if found:
             return found.group(1)
-    for name in _KEY_HEADERS:
+    return None
+
+
+def api_key_from(headers: Mapping[str, str]) -> str | None:
+    """The caller's API key, from `Authorization: Bearer`, `api-key` or `x-api-key`."""
+    token = bearer_token(headers)
+    if token is not None:
+        return token
+    for name in KEY_HEADERS:
         value = headers.get(name)
         if value and value.strip():
             return value.strip()
@@ -91,6 +99,16 @@ def parse_json_object(body: bytes) -> dict[str, Any] | None:
 
 
 _TENANT_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Longer than any model id in use (a Hugging Face repo name is at most 96 characters).
+MAX_MODEL_NAME = 256
+
+
+def _usable_model_name(name: Any) -> bool:
+    """Whether a client's model name can become a metric label and ledger text: a string of
+    printable characters, not too long. A lone surrogate (`"\\ud800"` is valid JSON) cannot
+    be encoded as UTF-8, so it would break every later /metrics scrape and its ledger row;
+    a NUL is refused by PostgreSQL; a megabyte-long name would bloat every scrape."""
+    return isinstance(name, str) and 0 < len(name) <= MAX_MODEL_NAME and name.isprintable()
 
 
 class Classifier:
@@ -119,18 +137,23 @@ class Classifier:
             named = headers.get(self._tenant_header, "").strip()
             if _TENANT_NAME.fullmatch(named):
                 return named, True
-        key = api_key_from(headers)
-        tenant = None if key is None else self._api_keys.get(key_digest(key))
+        tenant = self.key_tenant(headers)
         return (ANONYMOUS, False) if tenant is None else (tenant, True)
+
+    def key_tenant(self, headers: Mapping[str, str]) -> str | None:
+        """The tenant whose configured API key the request carries, if any: the credential
+        that proves who a caller is (the trusted header only says who a gateway billed)."""
+        key = api_key_from(headers)
+        return None if key is None else self._api_keys.get(key_digest(key))
 
     def classify(self, path: str, headers: Mapping[str, str], body: bytes) -> Classification:
         task, path_model = self._table.match(path)
         parsed = parse_json_object(body)
-        model = path_model
+        model = path_model if _usable_model_name(path_model) else None
         streaming = path.rstrip("/").endswith("_stream")
         if parsed is not None:
             body_model = parsed.get("model")
-            if isinstance(body_model, str) and body_model:
+            if _usable_model_name(body_model):
                 model = body_model
             streaming = streaming or parsed.get("stream") is True
         tenant, identified = self.identify(headers)

@@ -75,6 +75,21 @@ class Config:
     weights: str = "equal"
     cpu_pid: int | None = None
     max_body_bytes: int = 32 * 1024 * 1024
+    # The longest header field (name and value) and the most header fields a client may send
+    # (431 beyond); bearer tokens with many claims pass 8 KiB. The request line keeps
+    # aiohttp's 8190-byte limit (414 beyond).
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 128
+    # As nginx's client_header_timeout: the time a client has to send a whole request head
+    # once it started one (its connection is closed beyond).
+    client_header_timeout_seconds: float = 60.0
+    # As nginx's client_body_timeout: the longest pause between two reads of a request body,
+    # not the time for the whole body (408 beyond).
+    client_body_timeout_seconds: float = 60.0
+    # On SIGTERM: how long requests in flight may take to finish before they are cut. With the
+    # final ledger flush, well below Kubernetes' 30 s default grace period, so the orchestrator's
+    # SIGKILL does not come first and lose the records of the streams it would cut.
+    shutdown_timeout_seconds: float = 20.0
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 300.0
     upstream_connections: int = 256
@@ -88,6 +103,12 @@ class Config:
     tenant_header: str | None = None
     # Refuse (401) requests whose tenant is not identified by a known key or the header.
     require_api_key: bool = False
+    # Bearer tokens for joulegate's own endpoints; None: open (local development). Secrets:
+    # kept out of repr, and no message ever echoes them.
+    admin_token: str | None = field(default=None, repr=False)
+    metrics_token: str | None = field(default=None, repr=False)
+    # joulegate's own key for the upstream; None: the client's Authorization passes through.
+    upstream_api_key: str | None = field(default=None, repr=False)
     # Facility energy = device energy x PUE; carbon = facility energy x grid intensity.
     pue: float = 1.0
     # gCO2e/kWh: a number, or a CSV file of hourly values (Electricity Maps, WattTime).
@@ -237,6 +258,24 @@ def _header_name(value: Any) -> str | None:
     if not re.fullmatch(r"[A-Za-z0-9-]{1,64}", name):
         raise ValueError(f"expected an HTTP header name, got {value!r}")
     return name
+
+
+def _secret(value: Any) -> str | None:
+    """A token or key; empty means unset. No message echoes the value: it would end up in a
+    terminal, a log or a CI transcript."""
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ValueError("expected a string (quote it in YAML); the value is not shown")
+    secret = value.strip()
+    if not secret:
+        return None
+    if not re.fullmatch(r"[!-~]+", secret):
+        raise ValueError(
+            "expected printable ASCII without spaces (it is sent in an HTTP header);"
+            " the value is not shown"
+        )
+    return secret
 
 
 def _pue(value: Any) -> float:
@@ -428,6 +467,11 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "cpu_pid": _positive_int,
     "weights": _weights,
     "max_body_bytes": _byte_size,
+    "max_header_bytes": _byte_size,
+    "max_headers": _positive_int,
+    "client_header_timeout_seconds": _positive_float,
+    "client_body_timeout_seconds": _positive_float,
+    "shutdown_timeout_seconds": _positive_float,
     "connect_timeout_seconds": _positive_float,
     "read_timeout_seconds": _positive_float,
     "upstream_connections": _positive_int,
@@ -437,6 +481,9 @@ FIELDS: dict[str, Callable[[Any], Any]] = {
     "teams": _teams,
     "tenant_header": _header_name,
     "require_api_key": _bool,
+    "admin_token": _secret,
+    "metrics_token": _secret,
+    "upstream_api_key": _secret,
     "pue": _pue,
     "carbon_intensity": _carbon_intensity,
     "carbon_intensity_unit": _intensity_unit,
@@ -463,6 +510,17 @@ def _parse(key: str, value: Any) -> Any:
         return FIELDS[key](value)
     except ValueError as error:
         raise ConfigError(key, str(error)) from None
+
+
+def _check_tokens_are_not_tenant_keys(config: Config) -> None:
+    """A token that is also a tenant's API key would make that tenant an admin (or a reader
+    of every tenant's metrics)."""
+    from proxy.classify import key_digest
+
+    for key in ("admin_token", "metrics_token"):
+        token = getattr(config, key)
+        if token is not None and key_digest(token) in config.api_keys:
+            raise ConfigError(key, "is also a tenant's API key in api_keys; use a separate token")
 
 
 def load_config(
@@ -506,6 +564,7 @@ def load_config(
         if value is not None:
             values[key] = _parse(key, value)
     config = Config(**values)
+    _check_tokens_are_not_tenant_keys(config)
     if isinstance(config.carbon_intensity, str):
         from proxy.carbon import CarbonConfigError, IntensitySeries
 

@@ -19,12 +19,13 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.budgets import Admission, Budgets, degrade_body
-from proxy.classify import Classification, Classifier
+from proxy.classify import KEY_HEADERS, Classification, Classifier
 from proxy.config import Config
 from proxy.errors import error_response
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.upstream import (
+    UpstreamClosed,
     UpstreamError,
     UpstreamPool,
     UpstreamRefused,
@@ -42,6 +43,9 @@ INLINE_ENERGY_HEADER = "X-Joulegate-Energy"
 ENERGY_HEADER = "X-Energy-Joules"
 _INLINE_ENERGY_WAIT_SECONDS = 5.0
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+# Why a request body was not read whole (also the record's reason).
+_BODY_TOO_LARGE = "request body too large"
+_BODY_TIMED_OUT = "client body timeout"
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization"}
@@ -115,6 +119,14 @@ class Forwarder:
         self.budgets = budgets
         self.pool: UpstreamPool | None = None
         self.weigh = POLICIES[config.weights]
+        # With joulegate's own upstream key, the client's credentials (which identified its
+        # tenant here) stay here: the upstream gets joulegate's key instead. Decided once, so
+        # each request pays for one header set, not for a copy.
+        self._request_drop = _REQUEST_DROP
+        self._upstream_authorization: str | None = None
+        if config.upstream_api_key is not None:
+            self._request_drop = _REQUEST_DROP | {"authorization", *KEY_HEADERS}
+            self._upstream_authorization = f"Bearer {config.upstream_api_key}"
 
     async def open(self) -> None:
         """The upstream connection pool: keep-alive, bytes passed on as they come."""
@@ -131,12 +143,14 @@ class Forwarder:
 
     def _request_id(self, request: web.Request) -> str:
         offered = request.headers.get(REQUEST_ID_HEADER, "")
-        if _SANE_REQUEST_ID.fullmatch(offered) and not self.recorder.knows(offered):
+        if is_sane_request_id(offered) and not self.recorder.knows(offered):
             return offered
         return new_request_id()
 
     def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
-        headers = _forwardable(request.headers, _REQUEST_DROP)
+        headers = _forwardable(request.headers, self._request_drop)
+        if self._upstream_authorization is not None:
+            headers["Authorization"] = self._upstream_authorization
         chain = request.headers.get("X-Forwarded-For")
         remote = request.remote or ""
         headers["X-Forwarded-For"] = f"{chain}, {remote}" if chain else remote
@@ -149,19 +163,11 @@ class Forwarder:
         start, started_at = time.monotonic(), time.time()
         request_id = self._request_id(request)
         id_header = {REQUEST_ID_HEADER: request_id}
-        too_large = False
-        body = b""
-        if (request.content_length or 0) > self.config.max_body_bytes:
-            too_large = True
-        else:
-            try:
-                body = await request.read()
-            except web.HTTPRequestEntityTooLarge:
-                too_large = True
+        body, refusal = await self._read_body(request)
         classification = self.classifier.classify(request.path, request.headers, body)
         admission, degraded = None, None
         if self.budgets is not None and not (
-            too_large or (self.config.require_api_key and not classification.identified)
+            refusal or (self.config.require_api_key and not classification.identified)
         ):  # energy budgets: not for requests refused below anyway
             admission, body, classification, degraded = self._admit(
                 self.budgets, body, classification, started_at
@@ -174,7 +180,9 @@ class Forwarder:
             team=classification.team,
             streaming=classification.streaming,
             method=request.method,
-            path=request.path,
+            # As sent (percent-encoded, so always ASCII): a decoded %00 or %FF is text no
+            # ledger could store.
+            path=request.rel_url.raw_path,
             upstream=self.config.upstream,
             started_at=started_at,
             start=start,
@@ -184,19 +192,8 @@ class Forwarder:
         if admission is not None:
             self.recorder.admitted(record.id, admission)
         try:
-            if too_large:
-                limit = self.config.max_body_bytes
-                return self._failed(
-                    record,
-                    error_response(
-                        413,
-                        f"Request body is larger than the limit of {limit} bytes.",
-                        "invalid_request_error",
-                        "request_too_large",
-                        id_header,
-                    ),
-                    "request body too large",
-                )
+            if refusal is not None:
+                return await self._refuse_body(request, record, refusal, id_header)
             if self.config.require_api_key and not classification.identified:
                 return self._failed(
                     record,
@@ -229,6 +226,66 @@ class Forwarder:
             if record.end is None:  # an unexpected exception: still recorded, never lost
                 record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
             self.recorder.ended(record)
+
+    async def _read_body(self, request: web.Request) -> tuple[bytes, str | None]:
+        """The whole request body, or why it is refused: larger than `max_body_bytes`, or the
+        client paused longer than `client_body_timeout_seconds` between two reads (nginx's
+        client_body_timeout). Bytes already received are taken without a timer: only a read
+        that has to wait arms one, so a body that came with its head costs nothing more."""
+        limit = self.config.max_body_bytes
+        if (request.content_length or 0) > limit:
+            return b"", _BODY_TOO_LARGE
+        content = request.content
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = content.read_nowait()
+            if not chunk:
+                if content.at_eof():
+                    break
+                try:
+                    async with asyncio.timeout(self.config.client_body_timeout_seconds):
+                        chunk = await content.readany()
+                except TimeoutError:
+                    return b"", _BODY_TIMED_OUT
+                if not chunk:
+                    break
+            size += len(chunk)
+            if size > limit:  # a chunked body has no length to check up front
+                return b"", _BODY_TOO_LARGE
+            chunks.append(chunk)
+        return b"".join(chunks), None
+
+    async def _refuse_body(
+        self,
+        request: web.Request,
+        record: RequestRecord,
+        refusal: str,
+        id_header: dict[str, str],
+    ) -> web.StreamResponse:
+        """413 for a body over the limit; 408 for a client too slow to send it, after which
+        the connection is closed: reading on would give a slowloris what it wants."""
+        if refusal == _BODY_TOO_LARGE:
+            message = (
+                f"Request body is larger than the limit of {self.config.max_body_bytes} bytes."
+            )
+            response = error_response(
+                413, message, "invalid_request_error", "request_too_large", id_header
+            )
+            return self._failed(record, response, refusal)
+        message = (
+            "The request body stopped arriving: nothing came for"
+            f" {self.config.client_body_timeout_seconds:g} s."
+        )
+        response = error_response(
+            408, message, "invalid_request_error", "client_body_timeout", id_header
+        )
+        self._failed(record, response, refusal)
+        response.force_close()
+        await response.prepare(request)
+        await response.write_eof()
+        request.protocol.force_close()  # after the answer is written: the transport sends it
+        return response
 
     # ---- energy budgets ----
 
@@ -276,6 +333,7 @@ class Forwarder:
             )
             return await self._relay(request, upstream, record, strip_usage_chunk, id_header)
         except UpstreamRefused:
+            self.recorder.metrics.upstream_errors["refused"].inc()
             self.recorder.release(record.id)  # never reached the upstream: no energy budgeted
             message = f"The upstream at {self.config.upstream} refused the connection."
             return self._failed(
@@ -284,8 +342,11 @@ class Forwarder:
                 "upstream refused connection",
             )
         except UpstreamTimeout:
+            self.recorder.metrics.upstream_errors["timeout"].inc()
             return self._failed(record, self._timeout(id_header), "upstream timeout")
         except UpstreamError as error:
+            cause = "closed_mid_answer" if isinstance(error, UpstreamClosed) else "invalid_response"
+            self.recorder.metrics.upstream_errors[cause].inc()
             return self._failed(
                 record,
                 error_response(
@@ -383,8 +444,10 @@ class Forwarder:
             if sse is not None and (tail := sse.flush()):
                 await response.write(tail)
         except UpstreamTimeout:
+            self.recorder.metrics.upstream_errors["timeout"].inc()
             status, reason = STATUS_ABORTED, "upstream timed out mid-answer"
         except UpstreamError:
+            self.recorder.metrics.upstream_errors["closed_mid_answer"].inc()
             status, reason = STATUS_ABORTED, "upstream closed mid-answer"
         except ConnectionResetError:
             status, reason = STATUS_ABORTED, "client disconnected"
@@ -419,6 +482,11 @@ def _over_budget(admission: Admission, tenant: str, id_header: dict[str, str]) -
     )
     headers = {**id_header, "Retry-After": str(retry)}
     return error_response(429, message, "energy_budget_exceeded", "energy_budget_exceeded", headers)
+
+
+def is_sane_request_id(value: str) -> bool:
+    """Whether `value` could be a request id: one joulegate made, or a client's it kept."""
+    return _SANE_REQUEST_ID.fullmatch(value) is not None
 
 
 def new_request_id() -> str:

@@ -31,6 +31,13 @@ ENERGY_BUCKETS = (
     1e5,
 )
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# Why an exchange with the upstream failed: the `reason` label's whole value set.
+UPSTREAM_ERROR_REASONS = (
+    "refused",  # no connection could be made
+    "timeout",  # no connection, or no bytes for read_timeout_seconds, before or mid-answer
+    "invalid_response",  # not HTTP/1.x, or the connection ended before a whole status and headers
+    "closed_mid_answer",  # the body broke off: closed, reset, short, or its chunking broken
+)
 
 
 class LabelGuard:
@@ -129,6 +136,17 @@ class Metrics:
             ["task", "quality"],
             registry=self.registry,
         )
+        upstream_errors = Counter(
+            "joulegate_upstream_errors",
+            "Exchanges with the upstream that failed, by reason: before the answer started the"
+            " client got a 502 or 504, after it the client's stream was cut (recorded aborted).",
+            ["reason"],
+            registry=self.registry,
+        )
+        # Every reason exported from the start (at 0), so rate() and alerts see the first one.
+        self.upstream_errors = {
+            reason: upstream_errors.labels(reason) for reason in UPSTREAM_ERROR_REASONS
+        }
 
     def observe(self, record: RequestRecord) -> None:
         """Count one finished request."""

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import math
+import signal
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -17,13 +18,15 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from proxy import __version__
+from proxy.access import AccessControl
 from proxy.attribution import Attributor
 from proxy.budgets import Budgets, BudgetScope, SumEnergy, read_state, write_state
 from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
+from proxy.connections import ProxyRunner, connection_settings
 from proxy.errors import error_response
-from proxy.forward import Forwarder
+from proxy.forward import Forwarder, is_sane_request_id
 from proxy.ledger import Ledger, LedgerError, open_ledger
 from proxy.meter import Meter, open_meter
 from proxy.metrics import BudgetCollector, DeviceCollector, LabelGuard, LedgerCollector, Metrics
@@ -38,6 +41,7 @@ FORWARDER = web.AppKey("forwarder", Forwarder)
 CONFIG = web.AppKey("config", Config)
 SAMPLER = web.AppKey("sampler", Sampler)
 BUDGETS = web.AppKey("budgets", Budgets)
+ACCESS = web.AppKey("access", AccessControl)
 # How often the budget state file is rewritten (when something changed), besides at shutdown.
 BUDGET_STATE_SAVE_SECONDS = 10.0
 # How often budgets over a shared (PostgreSQL) ledger re-read the fleet's spending.
@@ -67,10 +71,25 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def request_record(request: web.Request) -> web.Response:
+    """One finished record. A tenant's key reads its own tenant's records only; another
+    tenant's answers exactly as an unknown id does, so ids reveal nothing."""
+    reader = request.app[ACCESS].reader(request.headers)
+    if isinstance(reader, web.Response):
+        return reader
     request_id = request.match_info["id"]
+    if not is_sane_request_id(request_id):  # never a request id: no store is asked
+        return error_response(
+            400,
+            "A request id is 1-128 letters, digits, '.', '_', ':' or '-'.",
+            "invalid_request_error",
+            "invalid_request_id",
+            param="id",
+        )
     record = request.app[RECORDER].store.get(request_id)
     if record is not None:
-        return web.json_response(record.to_json())
+        if reader.may_read(record.tenant):
+            return web.json_response(record.to_json())
+        return _request_not_found(request_id)
     ledger = request.app[RECORDER].ledger
     document = None
     if ledger is not None:
@@ -80,18 +99,60 @@ async def request_record(request: web.Request) -> web.Response:
             return error_response(
                 503, f"The ledger cannot be read now: {error}", "server_error", "ledger_unavailable"
             )
-    if document is None:
-        return error_response(
-            404,
-            f"No finished request with id {request_id!r} is known.",
-            "not_found_error",
-            "request_not_found",
-            param="id",
-        )
+    if document is None or not reader.may_read(document["tenant"]):
+        return _request_not_found(request_id)
     return web.json_response(document)
 
 
+def _request_not_found(request_id: str) -> web.Response:
+    return error_response(
+        404,
+        f"No finished request with id {request_id!r} is known.",
+        "not_found_error",
+        "request_not_found",
+        param="id",
+    )
+
+
+async def budget_states(request: web.Request) -> web.Response:
+    """The configured budgets and where they stand now (the metrics' figures, with the window's
+    bounds). A tenant's key sees the budgets named for its tenant only: a budget shared by
+    every tenant (`*`) would tell it what the others spend."""
+    reader = request.app[ACCESS].reader(request.headers)
+    if isinstance(reader, web.Response):
+        return reader
+    budgets = request.app.get(BUDGETS)
+    if budgets is None:
+        return web.json_response({"budgets": []})
+    now = time.time()
+    documents = []
+    for status in budgets.status(now):
+        if reader.tenant is not None and status.tenant != reader.tenant:
+            continue
+        spec = status.spec
+        documents.append(
+            {
+                "name": status.name,
+                "scope": {"tenant": spec.tenant, "model": spec.model, "task": spec.task},
+                "window": spec.window,
+                "window_start": status.window_start,
+                "window_end": status.window_end,
+                "limit_joules": status.limit_joules,
+                "used_joules": status.used_joules,
+                "remaining_joules": max(0.0, status.limit_joules - status.used_joules),
+                "action": status.action,
+                "exceeded": status.used_joules >= status.limit_joules,
+                "rejected_requests": status.rejected,
+                "degraded_requests": status.degraded,
+            }
+        )
+    return web.json_response({"budgets": documents})
+
+
 async def metrics(request: web.Request) -> web.Response:
+    refusal = request.app[ACCESS].metrics_refusal(request.headers)
+    if refusal is not None:
+        return refusal
     body = generate_latest(request.app[RECORDER].metrics.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
@@ -199,7 +260,8 @@ async def _ledger_energy(ledger: Ledger, scope: BudgetScope, start: float, end: 
 
 
 def create_app(config: Config, *, meter: Meter | None = None) -> web.Application:
-    """The whole proxy as an aiohttp application, ready for `web.AppRunner` or `run_app`.
+    """The whole proxy as an aiohttp application, served by `serving` (through `ProxyRunner`,
+    whose connections answer unparseable HTTP in the OpenAI format and time out slow heads).
 
     The meter named by `config.meter` is opened at start-up; `meter` replaces it (tests hand
     in meters over a fake NVML)."""
@@ -212,12 +274,18 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
         config.routes, config.api_keys, teams=config.teams, tenant_header=config.tenant_header
     )
     forwarder = Forwarder(config, classifier, recorder, budgets)
+    if config.api_keys and config.admin_token is None:
+        log.warning(
+            "api_keys are configured but admin_token is not: every caller can read every"
+            " tenant's records and budgets; set admin_token (JOULEGATE_ADMIN_TOKEN)"
+        )
 
     given_meter = meter
     app = web.Application(client_max_size=config.max_body_bytes)
     app[CONFIG] = config
     app[RECORDER] = recorder
     app[FORWARDER] = forwarder
+    app[ACCESS] = AccessControl(config.admin_token, config.metrics_token, classifier.key_tenant)
     ledger = open_ledger(
         config.ledger,
         config.data_dir,
@@ -269,7 +337,9 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
     app.cleanup_ctx.append(metering)
     app.cleanup_ctx.append(pool)
     app.router.add_get("/joulegate/health", health)
-    app.router.add_get("/joulegate/requests/{id}", request_record)
+    # `.*`: an empty id or one with slashes is answered 400 here, not forwarded upstream.
+    app.router.add_get("/joulegate/requests/{id:.*}", request_record)
+    app.router.add_get("/joulegate/budgets", budget_states)
     app.router.add_get("/metrics", metrics)
     app.router.add_route("*", "/{tail:.*}", forwarder.handle)
     return app
@@ -281,8 +351,18 @@ async def serving(
 ) -> AsyncIterator[str]:
     """Serve `app` inside a running loop (tests, benchmarks, the demo); yields its base URL.
 
-    Handlers are cancelled when their client disconnects, as under `run`."""
-    runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+    Handlers are cancelled when their client disconnects, as under `run`. joulegate's own
+    application gets its connection settings (limits, timeouts) from its configuration; any
+    other (a test's upstream) keeps aiohttp's."""
+    config = app.get(CONFIG)
+    settings = connection_settings(config) if config is not None else {}
+    runner = ProxyRunner(
+        app,
+        handler_cancellation=True,
+        access_log=None,
+        shutdown_timeout=config.shutdown_timeout_seconds if config is not None else 60.0,
+        **settings,
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
@@ -293,8 +373,42 @@ async def serving(
         await runner.cleanup()
 
 
+def _access_summary(config: Config) -> str:
+    """What guards joulegate's own endpoints, for the start banner; never a token itself."""
+    records = (
+        "open to anyone (no admin_token)"
+        if config.admin_token is None
+        else "need the admin token or a tenant's key"
+    )
+    metrics = "open" if config.metrics_token is None else "needs the metrics or admin token"
+    return f"{records}; /metrics {metrics}"
+
+
+def raise_open_files_limit() -> None:
+    """Raise the soft limit on open files to the hard limit, as nginx and uvicorn users expect.
+
+    Each proxied stream holds two sockets (client and upstream), so 1,000 concurrent SSE
+    streams need over 2,000 descriptors, and the soft limit is often 1,024: past it, accept()
+    fails and clients see refused connections.
+    """
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = hard
+        if hard == resource.RLIM_INFINITY:  # a soft limit of infinity is refused for NOFILE
+            with open("/proc/sys/fs/nr_open") as nr_open:
+                target = int(nr_open.read())
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.debug("open files limit raised from %d to %d", soft, target)
+    except (ImportError, OSError, ValueError) as error:  # no resource module, or not allowed
+        log.debug("open files limit left as it is: %s", error)
+
+
 def run(config: Config) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests are drained on the way out."""
+    raise_open_files_limit()
     try:
         import uvloop
 
@@ -313,18 +427,26 @@ def run(config: Config) -> None:
             f"{' (estimate)' if meter and meter.estimate else ''}\n"
             f"  metrics: {base}/metrics\n"
             f"  health:  {base}/joulegate/health\n"
-            f"  records: {base}/joulegate/requests/<X-Request-Id>",
+            f"  records: {base}/joulegate/requests/<X-Request-Id>\n"
+            f"  budgets: {base}/joulegate/budgets\n"
+            f"  access:  records and budgets {_access_summary(config)}",
             file=sys.stderr,
             flush=True,
         )
 
     app.on_startup.append(announce)
-    web.run_app(
-        app,
-        host=config.listen_host,
-        port=config.listen_port,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-        loop=loop,
-    )
+
+    async def serve_until_signalled() -> None:
+        # `web.run_app` cannot serve through `ProxyRunner`; this is its loop, short.
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with serving(app, config.listen_host, config.listen_port):
+            await stop.wait()
+
+    asyncio.set_event_loop(loop)
+    try:
+        loop.run_until_complete(serve_until_signalled())
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()

@@ -22,6 +22,7 @@ from multidict import CIMultiDict
 _MAX_HEAD_BYTES = 64 * 1024
 _READ_BYTES = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 
 
 class UpstreamError(Exception):
@@ -92,18 +93,24 @@ class UpstreamResponse:
                         raise UpstreamClosed(f"{remaining} bytes of the body never came")
                     remaining -= len(data)
                     yield data
-        except (ConnectionError, asyncio.IncompleteReadError) as error:
+        except UpstreamError:  # UpstreamTimeout is an OSError (a TimeoutError) too
+            raise
+        except (OSError, asyncio.IncompleteReadError) as error:  # closed, reset, unreachable
             raise UpstreamClosed(str(error) or type(error).__name__) from None
+        except asyncio.LimitOverrunError:
+            raise UpstreamClosed("a chunk-size or trailer line longer than 64 KiB") from None
         self._done = True
 
     async def _chunks(self, reader: asyncio.StreamReader, timeout: float) -> AsyncIterator[bytes]:
         while True:
             line = await _timed(reader.readuntil(b"\r\n"), timeout)
             size_text = line.split(b";", 1)[0].strip()
-            try:
-                size = int(size_text, 16)
-            except ValueError:
-                raise UpstreamClosed(f"bad chunk size {size_text[:20]!r}") from None
+            # RFC 9112: hex digits only. int(text, 16) also takes a sign, 0x and underscores:
+            # read more leniently than the upstream meant, a body's end is misplaced and its
+            # rest read as the next answer on the kept-alive connection.
+            if not 0 < len(size_text) <= 16 or size_text.translate(None, _HEX_DIGITS):
+                raise UpstreamClosed(f"bad chunk size {size_text[:20]!r}")
+            size = int(size_text, 16)
             if size == 0:
                 while await _timed(reader.readuntil(b"\r\n"), timeout) != b"\r\n":
                     pass  # trailers: not forwarded
@@ -179,7 +186,7 @@ class UpstreamPool:
                 connection.writer.write(head + body if len(body) < _READ_BYTES else head)
                 if len(body) >= _READ_BYTES:
                     connection.writer.write(body)
-                    await _timed(connection.writer.drain(), self.read_timeout)
+                    await self._drain(connection)
                 return await self._response(method, connection)
             except _StaleConnection:
                 connection.close()  # a kept-alive connection the upstream had closed: retry
@@ -189,12 +196,28 @@ class UpstreamPool:
                 raise
         raise UpstreamProtocolError("the upstream closed the connection before answering")
 
+    async def _drain(self, connection: _Connection) -> None:
+        """Wait until a large body is handed to the kernel; an upstream that closed or reset
+        the connection meanwhile shows here, before any answer is read."""
+        try:
+            await _timed(connection.writer.drain(), self.read_timeout)
+        except UpstreamError:
+            raise
+        except OSError as error:
+            if connection.reused:
+                raise _StaleConnection from None
+            raise UpstreamProtocolError(
+                f"the upstream closed the connection while the request was sent: {error}"
+            ) from None
+
     def _head(self, method: str, target: str, headers: CIMultiDict[str], body: bytes) -> bytes:
         lines = [f"{method} {self.base_path}{target} HTTP/1.1", f"Host: {self.host_header}"]
         lines.extend(f"{name}: {value}" for name, value in headers.items())
         if body or method in ("POST", "PUT", "PATCH"):
             lines.append(f"Content-Length: {len(body)}")
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1", "replace")
+        # aiohttp decoded the client's header bytes as UTF-8 with surrogateescape: the inverse
+        # gives the upstream the very bytes the client sent, valid UTF-8 or not.
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
 
     async def _get(self) -> _Connection:
         while self._idle:
@@ -230,7 +253,9 @@ class UpstreamPool:
                 raise UpstreamProtocolError("the upstream closed before answering") from None
             except asyncio.LimitOverrunError:
                 raise UpstreamProtocolError("the upstream's headers are too large") from None
-            except ConnectionError as error:
+            except UpstreamError:  # a timeout: UpstreamTimeout is an OSError too
+                raise
+            except OSError as error:  # reset, unreachable
                 if connection.reused:
                     raise _StaleConnection from None
                 raise UpstreamProtocolError(str(error)) from None
@@ -252,13 +277,17 @@ class UpstreamPool:
         chunked = transfer.rsplit(",", 1)[-1].strip() == "chunked"
         length: int | None = None
         no_body = method == "HEAD" or status in _NO_BODY_STATUSES or status == 101
-        if not chunked and "Content-Length" in headers:
-            try:
-                length = int(headers["Content-Length"])
-            except ValueError:
-                raise UpstreamProtocolError("an invalid Content-Length") from None
-            if length < 0:
-                raise UpstreamProtocolError("a negative Content-Length")
+        # RFC 9112 section 6.3: a Transfer-Encoding overrides any Content-Length (a body that
+        # is not chunked last then runs until close); differing lengths or one that is not
+        # plain digits ("+5", "1_0", " 5 5") mean the message's end is in doubt.
+        if not transfer and "Content-Length" in headers:
+            lengths = headers.getall("Content-Length")
+            text = lengths[0]
+            if not (text.isascii() and text.isdigit()):
+                raise UpstreamProtocolError(f"an invalid Content-Length {text[:20]!r}")
+            if len(lengths) > 1 and any(other != text for other in lengths):
+                raise UpstreamProtocolError("differing Content-Length headers")
+            length = int(text)
         until_close = not no_body and not chunked and length is None
         response = UpstreamResponse(
             status=status,
@@ -300,7 +329,10 @@ class _StaleConnection(Exception):
 
 
 def _parse_head(head: bytes) -> tuple[int, str, str, CIMultiDict[str]]:
-    lines = head[:-4].decode("latin-1").split("\r\n")
+    # aiohttp writes the client's headers as UTF-8: UTF-8 values from the upstream reach the
+    # client byte for byte (latin-1 here would double-encode them); bytes that are not UTF-8
+    # cannot, and become U+FFFD rather than text aiohttp's writer would refuse.
+    lines = head[:-4].decode("utf-8", "replace").split("\r\n")
     version, _, rest = lines[0].partition(" ")
     code, _, reason = rest.partition(" ")
     if version not in ("HTTP/1.1", "HTTP/1.0") or len(code) != 3 or not code.isdigit():

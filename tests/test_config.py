@@ -288,6 +288,15 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("connect_timeout_seconds", True),
     ("read_timeout_seconds", 0),
     ("read_timeout_seconds", "abc"),
+    ("client_header_timeout_seconds", 0),
+    ("client_header_timeout_seconds", "-1"),
+    ("client_body_timeout_seconds", "inf"),
+    ("shutdown_timeout_seconds", 0),
+    ("client_body_timeout_seconds", True),
+    ("max_header_bytes", 0),
+    ("max_header_bytes", "8 furlongs"),
+    ("max_headers", 0),
+    ("max_headers", 1.5),
     ("upstream_connections", 1.5),
     ("upstream_connections", 0),
     ("upstream_connections", "abc"),
@@ -316,6 +325,10 @@ BAD_VALUES: list[tuple[str, Any]] = [
     ("models", [""]),
     ("log_level", "loud"),
     ("log_level", 3),
+    ("admin_token", 12345),
+    ("admin_token", "two words"),
+    ("metrics_token", ["token"]),
+    ("upstream_api_key", "caf\u00e9-key"),
 ]
 
 
@@ -365,6 +378,9 @@ BAD_ENVIRONMENT = [
     ("cpu_pid", "0"),
     ("max_models", "-3"),
     ("log_level", "loud"),
+    ("admin_token", "tok en"),
+    ("metrics_token", "tab\tinside"),
+    ("upstream_api_key", "sk-\u00fcber"),
 ]
 
 
@@ -516,3 +532,93 @@ def test_comma_separated_names_are_lists() -> None:
     config = load_config(environ={"JOULEGATE_MODELS": "gpt2, llama", "JOULEGATE_DEVICES": "gpu1"})
     assert config.models == ("gpt2", "llama")
     assert config.devices == ("gpu1",)
+
+
+# ---- secrets: admin_token, metrics_token, upstream_api_key ----
+
+SECRET_KEYS = ("admin_token", "metrics_token", "upstream_api_key")
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_secret_keys_from_file_and_environment(tmp_path: Path, key: str) -> None:
+    assert getattr(load_config(environ={}), key) is None
+    from_file = load_config(write(tmp_path, f"{key}: ' s3cret-from-file '\n"), environ={})
+    assert getattr(from_file, key) == "s3cret-from-file"
+    from_env = load_config(
+        write(tmp_path, f"{key}: s3cret-from-file\n"),
+        environ={f"JOULEGATE_{key.upper()}": "s3cret/from+env="},
+    )
+    assert getattr(from_env, key) == "s3cret/from+env="
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+@pytest.mark.parametrize("empty", ["", "   "])
+def test_an_empty_secret_means_unset(tmp_path: Path, key: str, empty: str) -> None:
+    """`JOULEGATE_ADMIN_TOKEN=` in a compose file or a Kubernetes manifest turns it off."""
+    config = load_config(
+        write(tmp_path, f"{key}: from-file\n"), environ={f"JOULEGATE_{key.upper()}": empty}
+    )
+    assert getattr(config, key) is None
+    assert getattr(load_config(write(tmp_path, f"{key}:\n"), environ={}), key) is None
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_a_bad_secret_is_named_but_never_echoed(key: str) -> None:
+    secret = "sk-almost-right but-with-a-space"
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ={f"JOULEGATE_{key.upper()}": secret})
+    assert raised.value.key == key
+    assert "almost-right" not in str(raised.value) and "with-a-space" not in str(raised.value)
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ={}, overrides={key: 987654321})
+    assert "987654321" not in str(raised.value)
+
+
+@pytest.mark.parametrize("key", SECRET_KEYS)
+def test_secrets_are_not_in_the_config_repr(key: str) -> None:
+    config = load_config(environ={}, overrides={key: "sk-never-printed-token"})
+    assert "sk-never-printed-token" not in repr(config)
+    assert "sk-never-printed-token" not in str(config)
+
+
+@pytest.mark.parametrize("key", ["admin_token", "metrics_token"])
+def test_a_token_that_is_also_a_tenant_key_is_refused(key: str) -> None:
+    """Otherwise the tenant holding that key would read every tenant's records."""
+    with pytest.raises(ConfigError) as raised:
+        load_config(environ={}, overrides={key: "sk-tenant-a", "api_keys": {DIGEST_A: "a"}})
+    assert raised.value.key == key
+    assert "sk-tenant-a" not in str(raised.value)
+
+
+@pytest.mark.usefixtures("clean_environment")
+def test_cli_bad_secret_exits_2_without_echoing_it(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("JOULEGATE_ADMIN_TOKEN", "hunter2 hunter3")
+    assert cli.main(["serve"]) == 2
+    captured = capsys.readouterr()
+    assert len(captured.err.splitlines()) == 1 and "admin_token" in captured.err
+    assert "hunter" not in captured.err + captured.out
+
+
+# ---- client limits (tests/test_bad_input.py holds them against a running proxy) ----
+
+
+def test_client_limits_and_timeouts_default_like_nginx() -> None:
+    config = load_config(environ={})
+    assert config.client_header_timeout_seconds == 60.0
+    assert config.client_body_timeout_seconds == 60.0
+    assert config.max_header_bytes == 16 * 1024
+    assert config.max_headers == 128
+
+
+def test_client_limits_and_timeouts_from_file_and_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "max_header_bytes: 32KiB\nclient_body_timeout_seconds: 2.5\n")
+    config = load_config(
+        path,
+        environ={"JOULEGATE_CLIENT_HEADER_TIMEOUT_SECONDS": "0.5", "JOULEGATE_MAX_HEADERS": "64"},
+    )
+    assert config.max_header_bytes == 32 * 1024
+    assert config.client_body_timeout_seconds == 2.5
+    assert config.client_header_timeout_seconds == 0.5
+    assert config.max_headers == 64

@@ -361,10 +361,11 @@ class Ledger(abc.ABC):
             self._failing_since = None
             self._fail_log = Throttle()
 
-    def _flush_failed(self, error: BaseException) -> float:
-        """Count a failed flush and say how long to wait before the next attempt."""
+    def _flush_failed(self, error: BaseException, why: str | None = None) -> float:
+        """Count a failed flush and say how long to wait before the next attempt; `why`
+        says what the error's own text leaves out."""
         self._failed_flushes += 1
-        self._last_error = f"{type(error).__name__}: {error}"
+        self._last_error = f"{type(error).__name__}: {error}" + (f" ({why})" if why else "")
         if self._failing_since is None:
             self._failing_since = time.monotonic()
         if self._fail_log.ready():

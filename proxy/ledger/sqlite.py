@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import sqlite3
 import threading
 import time
@@ -231,7 +232,17 @@ class SQLiteLedger(Ledger):
     def _failed(self, unwritten: list[Row], error: Exception) -> float:
         self.backlog.failed(unwritten)
         self._disconnect()
-        return self._flush_failed(error)
+        return self._flush_failed(error, self._read_only())
+
+    def _read_only(self) -> str | None:
+        """On a file system remounted read-only, SQLite says "unable to open database file"
+        or "attempt to write a readonly database": name the cause for whoever reads the
+        health endpoint or the log."""
+        try:
+            read_only = bool(os.statvfs(self.path.parent).f_flag & os.ST_RDONLY)
+        except OSError:
+            return None
+        return "the file system is read-only" if read_only else None
 
     def _write(self, batch: list[Row]) -> None:
         if self._write_connection is None:

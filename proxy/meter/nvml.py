@@ -168,25 +168,44 @@ class NvmlMeter(Meter):
         if not self._initialized:
             self._publish(self._init_error)
             return Reading(time=start, joules=(None,) * len(self._gpus))
+        sources = [gpu.source for gpu in self._gpus]
         samples = [self._sample(gpu, start) for gpu in self._gpus]
         end = self._clock()
         now = start + (end - start) / 2  # the devices were read somewhere in [start, end]
         joules: list[float | None] = []
-        for gpu, sample in zip(self._gpus, samples, strict=True):
+        for gpu, sample, source_before in zip(self._gpus, samples, sources, strict=True):
             if sample is None:
                 gpu.energy.gap()
                 joules.append(None)
                 continue
             source, value = sample
+            resets = gpu.energy.resets
             try:
                 if source == "energy":
-                    joules.append(gpu.energy.counter(value / 1000.0))  # mJ -> J
+                    total: float | None = gpu.energy.counter(value / 1000.0)  # mJ -> J
                 else:
-                    joules.append(gpu.energy.power(now, value / 1000.0))  # mW -> W
+                    total = gpu.energy.power(now, value / 1000.0)  # mW -> W
             except ValueError as e:
                 gpu.error = f"{gpu.label}: {e}"
                 gpu.energy.gap()
                 joules.append(None)
+                continue
+            # The value is a new base after either of these: the energy since the previous
+            # reading is unknown, so this reading says so (None) rather than a made-up 0 J.
+            # The base is kept, so the next reading measures again.
+            if gpu.energy.resets != resets:
+                gpu.error = (
+                    f"{gpu.label}: the energy counter went backwards (driver reloaded?);"
+                    " the energy since the previous reading is unknown"
+                )
+                total = None
+            elif source == "power" and source_before == "energy":
+                gpu.error = (
+                    f"{gpu.label}: the energy counter is no longer supported; power is"
+                    " integrated from now on, the energy since the previous reading is unknown"
+                )
+                total = None
+            joules.append(total)
         errors = [gpu.error for gpu in self._gpus if gpu.error]
         if not self._gpus:
             errors.append(self._init_error or "no GPU selected")

@@ -55,6 +55,8 @@ SYNCHRONOUS = ("FULL", "NORMAL", "EXTRA")
 # page back to the database file less often: together about 20 % more records a second.
 # (Time-ordered ids, such as UUIDv7, insert at the end of the index and avoid all this.)
 CACHE_KIB = 64 * 1024
+# How long a connection waits for another's lock (several instances on one file).
+BUSY_SECONDS = 5.0
 CHECKPOINT_PAGES = 4000
 
 # Rows go in as multi-row INSERTs of 1,024 rows (within SQLite's 32,766 bound parameters),
@@ -175,10 +177,10 @@ class SQLiteLedger(Ledger):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = self._connect_factory(str(self.path))
         connection.isolation_level = None  # transactions are explicit: BEGIN ... COMMIT
-        connection.execute("PRAGMA busy_timeout = 5000")
+        connection.execute(f"PRAGMA busy_timeout = {int(BUSY_SECONDS * 1000)}")
         connection.execute(f"PRAGMA cache_size = -{CACHE_KIB}")
         connection.execute(f"PRAGMA wal_autocheckpoint = {CHECKPOINT_PAGES}")
-        connection.execute("PRAGMA journal_mode = WAL")
+        _use_wal(connection)
         connection.execute(f"PRAGMA synchronous = {self.synchronous}")
         return connection
 
@@ -359,6 +361,22 @@ class SQLiteLedger(Ledger):
                 connection.execute("COMMIT")
 
         return as_groups(await self._read(query))
+
+
+def _use_wal(connection: sqlite3.Connection, wait_seconds: float = BUSY_SECONDS) -> None:
+    """Switch the file to WAL. The switch needs the file to itself, and SQLite answers it
+    "database is locked" at once, without its busy wait, when another connection is taking
+    a lock at that moment (several instances starting together): so retry, for as long as
+    the busy timeout would have waited."""
+    deadline = time.monotonic() + wait_seconds
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
 
 
 def migrate(connection: sqlite3.Connection, migrations: tuple[Migration, ...] = MIGRATIONS) -> int:

@@ -44,7 +44,7 @@ test: install
 
 # The load and soak tests (tests/test_load.py): 1,000 concurrent SSE streams held for
 # JOULEGATE_STREAMS_SECONDS (default 60) and a soak of JOULEGATE_SOAK_SECONDS (default 600)
-# after ~170,000 requests that fill what joulegate keeps in memory: about 15 minutes on 2
+# after ~170,000 requests that fill what joulegate keeps in memory: about 20 minutes on 2
 # cores. -s shows their figures.
 # pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: install
@@ -60,7 +60,7 @@ format: install
 
 # Every benchmark in benchmarks/, one after another, then one table of figures against
 # targets (also written with each benchmark's output to bench-results.md): about 20 minutes.
-# `make bench BENCH_ARGS=--quick` shortens each (about 3 minutes, rough figures);
+# `make bench BENCH_ARGS=--quick` shortens each (under 2 minutes, rough figures);
 # BENCH_ARGS='--only soak' runs one.
 bench: install
 	$(BIN)/python benchmarks/run_all.py $(BENCH_ARGS)

@@ -11,9 +11,10 @@ not be measured here (the GPU benchmarks without a GPU). A benchmark that fails 
 MISS row saying so, and the exit status is then 1; MISS rows of benchmarks that ran are
 results, not failures, so the exit status stays 0.
 
-The full run takes about 20 minutes on 2 cores, most of it the 10-minute soak. `--quick`
-runs every benchmark shortened, in about 3 minutes: a smoke test of the benchmarks, whose
-figures are rough (fewer samples, a 30 s soak without the record store filled first).
+The full run takes about 20 minutes on 2 cores, most of it the soak (10 minutes, after a
+prefill of some 170,000 requests). `--quick` runs every benchmark shortened, in under 2
+minutes: a smoke test of the benchmarks, whose figures are rough (fewer samples, a 30 s
+soak without the prefill, so its slope is not judged).
 """
 
 from __future__ import annotations

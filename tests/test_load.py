@@ -80,8 +80,10 @@ def test_soak_memory_stops_growing_and_no_request_fails() -> None:
     cache: see benchmarks/soak.py): the slope's target holds over the full 10-minute
     run. A shortened run (CI) is too short for a slope of a few MB an hour to stand out of
     the noise, so it is held to the fitted line rising under 1 MB: a leak of 150 bytes a
-    request rises 1.35 MB over the 45 s that a 60 s run measures at 200 requests a second."""
-    warmup = min(60.0, SOAK_SECONDS / 4)
+    request rises 1.8 MB over the 60 s that a 120 s run (CI) measures at 200 requests a second."""
+    # The ledger's page cache still grows for about a minute after the prefill (a 60 s CI run
+    # measured 10 MB in its last 45 s; the full run is flat after its first minute).
+    warmup = min(60.0, SOAK_SECONDS / 2)
     run = soak.run(SOAK_SECONDS, 200.0, warmup, prefill=soak.PREFILL)
     assert run.load.error_count == 0, dict(run.load.errors)
     assert run.recorded == run.prefill + run.load.sent == run.ledger  # nothing lost

@@ -563,7 +563,7 @@ async def test_a_body_whose_pauses_stay_under_the_body_timeout_is_forwarded() ->
 KNOWN_KEY = "sk-known-tenant"
 
 
-async def _many_made_up(count: int) -> None:
+async def check_made_up_names_stay_bounded(count: int) -> None:
     """`count` requests, each with its own model name and its own unknown API key (and a
     few with a configured key), 32 at a time; then every metric family's series count."""
     max_models = 20
@@ -626,7 +626,7 @@ def _series_per_family(exposition: str) -> dict[str, int]:
 
 async def test_10000_made_up_models_and_keys_give_bounded_series() -> None:
     """About 12 s on two cores."""
-    await _many_made_up(10_000)
+    await check_made_up_names_stay_bounded(10_000)
 
 
 # ---- 5. odd ids on the lookup API ----

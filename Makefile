@@ -44,8 +44,8 @@ test: install
 
 # The load and soak tests (tests/test_load.py): 1,000 concurrent SSE streams held for
 # JOULEGATE_STREAMS_SECONDS (default 60) and a soak of JOULEGATE_SOAK_SECONDS (default 600)
-# after ~170,000 requests that fill what joulegate keeps in memory: about 20 minutes on 2
-# cores. -s shows their figures.
+# each after ~50,000 requests that fill what joulegate keeps in memory: about 13 minutes on
+# 2 cores. -s shows their figures.
 # pytest exits 5 when no test is marked slow: that is not a failure.
 test-slow: install
 	$(BIN)/pytest -q -s -m slow || [ $$? -eq 5 ]

@@ -16,8 +16,10 @@ import resource
 import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -133,6 +135,40 @@ def stop(*processes: subprocess.Popen[Any]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@dataclass
+class Stack:
+    """joulegate in front of the chat upstream, as `joulegate_stack` runs them."""
+
+    port: int  # joulegate's
+    pid: int  # joulegate's
+    data_dir: Path
+    ledger_rows: int | None = None  # rows in its ledger, once it has stopped
+
+
+@contextmanager
+def joulegate_stack(
+    name: str, chunk_interval: float, settings: Mapping[str, str] | None = None
+) -> Iterator[Stack]:
+    """The chat upstream and `joulegate serve` in front of it (`start_joulegate` with
+    `settings`) on free ports, with a scratch data directory; on leaving, both are stopped
+    (joulegate by SIGTERM: it flushes its ledger) and `ledger_rows` is read before the
+    directory goes. Raises this process's open-files limit first, for many connections."""
+    raise_open_files_limit()
+    upstream_port, proxy_port = free_port(), free_port()
+    with tempfile.TemporaryDirectory(prefix=f"joulegate-{name}-") as scratch:
+        data_dir = Path(scratch)
+        upstream = start_upstream(upstream_port, chunk_interval)
+        proxy = start_joulegate(upstream_port, proxy_port, data_dir, settings)
+        stack = Stack(proxy_port, proxy.pid, data_dir)
+        try:
+            wait_listening(upstream_port, process=upstream)
+            wait_listening(proxy_port, process=proxy)
+            yield stack
+        finally:
+            stop(proxy, upstream)
+        stack.ledger_rows = ledger_rows(data_dir)
 
 
 # --- HTTP/1.1 over raw asyncio streams -------------------------------------------------------

@@ -1,7 +1,7 @@
 """Soak: joulegate under steady load for minutes; does its memory keep growing?
 
     .venv/bin/python benchmarks/soak.py [--seconds 600] [--rate 200] [--warmup 60]
-                                        [--prefill N] [--rows-json PATH]
+                                        [--prefill auto|N] [--rows-json PATH]
 
 Three processes on loopback: an OpenAI-style chat upstream (`chat_upstream.py`), `joulegate
 serve` in front of it as users run it (the synthetic meter, its default SQLite ledger in a
@@ -25,13 +25,15 @@ fit can resolve: RSS samples scatter by well under 1 MB, and over 9 minutes of 5
 the slope's standard error is then about 1 MB/hour.
 
 Bounded memory is not a leak, but it fills for a while, and at 200 requests a second it
-would read as growth through most of a 10-minute soak: joulegate keeps the last 100,000
-finished records in memory for `/joulegate/requests/{id}` (about 1 kB of RSS each), and
-its SQLite ledger's page cache takes up to 64 MiB (about 0.45 kB of RSS per row written,
-so full after some 150,000 rows). So first `--prefill` requests (by default enough to fill
-both, computed from their sizes in `proxy/`) are sent as fast as joulegate takes them,
-unmeasured; the RSS then is the figure for joulegate full of what it keeps. With less
-prefill the slope is printed but not judged (INFO), and `--prefill 0` shows the fill itself.
+would read as growth through a short soak: with its ledger on, joulegate keeps the last
+10,000 finished records in memory for `/joulegate/requests/{id}` (about 1 kB of RSS each),
+and its SQLite ledger's page cache takes up to 8 MiB (about 0.4 kB of RSS per row written,
+so full after some 20,000 rows). So first comes a prefill, unmeasured: whole answers, as
+fast as joulegate takes them, in blocks of 10,000, until RSS stops growing (two blocks in a
+row adding under 0.5 MB each, 50 bytes a request) and at least the record store's capacity
+(`--prefill auto`, the default; at most 400,000), or exactly `--prefill N`. The RSS then is
+the figure for joulegate full of what it keeps. When the prefill did not reach that plateau
+the slope is printed but not judged (INFO); `--prefill 0` shows the fill itself.
 """
 
 from __future__ import annotations
@@ -40,10 +42,8 @@ import argparse
 import asyncio
 import hashlib
 import json
-import math
 import statistics
 import sys
-import tempfile
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -55,27 +55,19 @@ from benchmarks.harness import (
     ChatStream,
     Memory,
     chat_request,
-    free_port,
-    ledger_rows,
+    joulegate_stack,
     memory,
-    raise_open_files_limit,
     read_answer,
     recorded_requests,
-    start_joulegate,
-    start_upstream,
-    stop,
-    wait_listening,
 )
 from benchmarks.results import INFO, Row, verdict, write_rows
-from proxy.ledger.sqlite import CACHE_KIB
-from proxy.records import RecordStore
+from proxy.records import RECORDS_KEPT_WITH_LEDGER
 
 TARGET_MB_PER_HOUR = 5.0
-RECORD_STORE_CAPACITY = RecordStore().capacity
-# RSS the SQLite page cache takes per row written, measured at about 450 bytes; the lower
-# figure errs towards more prefill.
-LEDGER_CACHE_BYTES_PER_ROW = 400
-PREFILL = max(RECORD_STORE_CAPACITY, math.ceil(CACHE_KIB * 1024 / LEDGER_CACHE_BYTES_PER_ROW))
+PREFILL_MIN = RECORDS_KEPT_WITH_LEDGER  # the record store full, at least
+PREFILL_BLOCK = 10_000  # requests between two looks at RSS
+PREFILL_FLAT_MB = 0.5  # a block adding less than this (50 bytes a request) adds nothing
+PREFILL_MAX = 400_000
 CONNECTIONS = 32
 SAMPLE_EVERY = 5.0  # s
 STREAM_CHUNKS = 5
@@ -85,10 +77,11 @@ API_KEYS = ("sk-soak-team-a", "sk-soak-team-b", "sk-soak-team-c", "sk-soak-unkno
 TENANTS = {hashlib.sha256(key.encode()).hexdigest(): key[8:] for key in API_KEYS[:3]}
 
 
-def request_for(number: int) -> tuple[bytes, int]:
+def request_for(number: int, streaming: bool = True) -> tuple[bytes, int]:
     """Request `number` of the mix, and how many content chunks its stream must bring (0:
-    not streamed)."""
-    streamed = number % 4 == 3
+    not streamed). Every fourth request on each connection streams, unless not `streaming`."""
+    turn = number // CONNECTIONS  # requests number, number + 32, ... share a connection
+    streamed = streaming and turn % 4 == 3
     model = f"bench-new-{number}" if number % 50 == 7 else MODELS[number % len(MODELS)]
     body = {
         "model": model,
@@ -96,7 +89,7 @@ def request_for(number: int) -> tuple[bytes, int]:
         "max_tokens": STREAM_CHUNKS if streamed else 8,
         "stream": streamed,
     }
-    headers = {"Authorization": f"Bearer {API_KEYS[number % len(API_KEYS)]}"}
+    headers = {"Authorization": f"Bearer {API_KEYS[(number + turn) % len(API_KEYS)]}"}
     return chat_request(body, headers), STREAM_CHUNKS if streamed else 0
 
 
@@ -114,9 +107,13 @@ class Load:
 
 
 async def _exchange(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, number: int, load: Load
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    number: int,
+    load: Load,
+    streaming: bool,
 ) -> None:
-    request, chunks = request_for(number)
+    request, chunks = request_for(number, streaming)
     writer.write(request)
     load.sent += 1
     if chunks:
@@ -133,7 +130,11 @@ async def _exchange(
 
 
 async def _connection(
-    port: int, load: Load, numbers: range, schedule: tuple[float, float] | None
+    port: int,
+    load: Load,
+    numbers: range,
+    schedule: tuple[float, float] | None,
+    streaming: bool,
 ) -> None:
     """Send requests `numbers` one after another on one keep-alive connection; with a
     schedule (start, rate), request n not before start + n / rate."""
@@ -147,7 +148,7 @@ async def _connection(
                     await asyncio.sleep(delay)
                 load.latest_lag = max(0.0, -delay)
             try:
-                await _exchange(reader, writer, number, load)
+                await _exchange(reader, writer, number, load, streaming)
             except (OSError, asyncio.IncompleteReadError, ValueError) as error:
                 load.errors[type(error).__name__] += 1
                 writer.close()
@@ -156,13 +157,18 @@ async def _connection(
         writer.close()
 
 
-async def send(port: int, first: int, count: int, load: Load, rate: float | None) -> None:
-    """Requests first .. first + count - 1 over CONNECTIONS connections: at `rate` a second,
-    or with no rate, as fast as they are answered."""
+async def send(
+    port: int, first: int, count: int, load: Load, rate: float | None, streaming: bool = True
+) -> None:
+    """Requests first .. first + count - 1 of the mix over CONNECTIONS connections: at `rate`
+    a second, or with no rate, as fast as they are answered; without `streaming`, all of
+    them whole answers."""
     schedule = (time.monotonic() - first / rate, rate) if rate else None
     await asyncio.gather(
         *(
-            _connection(port, load, range(first + k, first + count, CONNECTIONS), schedule)
+            _connection(
+                port, load, range(first + k, first + count, CONNECTIONS), schedule, streaming
+            )
             for k in range(CONNECTIONS)
         )
     )
@@ -173,8 +179,9 @@ class Soak:
     seconds: float
     rate: float
     warmup: float
-    prefill: int
+    prefill: int  # requests sent before the steady load
     prefill_seconds: float = 0.0
+    prefill_flat: bool = False  # whether RSS had stopped growing by the prefill's end
     load: Load = field(default_factory=Load)
     before: Memory | None = None  # joulegate at rest
     samples: list[tuple[float, float]] = field(default_factory=list)  # (s into the soak, MB)
@@ -210,22 +217,36 @@ class Soak:
     @property
     def judged(self) -> bool:
         """Whether the slope says anything about leaks: not while bounded memory fills."""
-        return self.prefill >= PREFILL
+        return self.prefill_flat
 
     @property
     def passed(self) -> bool:
         return self.slope_mb_per_hour < TARGET_MB_PER_HOUR and self.flowed
 
 
-async def _soak(port: int, pid: int, soak: Soak) -> None:
+async def prefill(port: int, pid: int, minimum: int, maximum: int) -> tuple[int, bool]:
+    """Whole answers (they fill the same memory as streams, without waiting on chunks) as
+    fast as joulegate takes them, in blocks, until RSS stops growing and at least `minimum`
+    were sent, or `maximum` were; (requests sent, whether RSS had stopped growing)."""
+    load = Load()
+    sent, flat_blocks, rss = 0, 0, memory(pid).rss_mb
+    while sent < maximum and (sent < minimum or flat_blocks < 2):
+        block = min(PREFILL_BLOCK, maximum - sent)
+        await send(port, sent, block, load, None, streaming=False)
+        sent += block
+        now = memory(pid).rss_mb
+        flat_blocks = flat_blocks + 1 if now - rss < PREFILL_FLAT_MB * block / PREFILL_BLOCK else 0
+        rss = now
+    if load.error_count:
+        raise RuntimeError(f"the prefill had errors: {dict(load.errors)}")
+    return sent, flat_blocks >= 2
+
+
+async def _soak(port: int, pid: int, soak: Soak, prefill_range: tuple[int, int]) -> None:
     soak.before = memory(pid)
     began = time.monotonic()
-    await send(port, 0, soak.prefill, soak.load, None)
+    soak.prefill, soak.prefill_flat = await prefill(port, pid, *prefill_range)
     soak.prefill_seconds = time.monotonic() - began
-    soak.load.sent = 0  # prefill requests are counted apart
-    prefill_errors = soak.load.error_count
-    if prefill_errors:
-        raise RuntimeError(f"the prefill had errors: {dict(soak.load.errors)}")
     total = round(soak.seconds * soak.rate)
     began = time.monotonic()
     sending = asyncio.create_task(send(port, soak.prefill, total, soak.load, soak.rate))
@@ -238,26 +259,20 @@ async def _soak(port: int, pid: int, soak: Soak) -> None:
     soak.final = memory(pid)
 
 
-def run(seconds: float, rate: float, warmup: float, prefill: int) -> Soak:
+def run(seconds: float, rate: float, warmup: float, prefill_count: int | None = None) -> Soak:
+    """The soak, after a prefill of `prefill_count` requests, or with None until joulegate's
+    RSS stops growing (see the module's docstring)."""
     import uvloop
 
-    raise_open_files_limit()
-    soak = Soak(seconds, rate, warmup, prefill)
-    upstream_port, proxy_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="joulegate-soak-") as scratch:
-        data_dir = Path(scratch)
-        upstream = start_upstream(upstream_port, CHUNK_INTERVAL)
-        proxy = start_joulegate(
-            upstream_port, proxy_port, data_dir, {"api_keys": json.dumps(TENANTS)}
-        )
-        try:
-            wait_listening(upstream_port, process=upstream)
-            wait_listening(proxy_port, process=proxy)
-            time.sleep(1.0)
-            uvloop.run(_soak(proxy_port, proxy.pid, soak))
-        finally:
-            stop(proxy, upstream)
-        soak.ledger = ledger_rows(data_dir)
+    soak = Soak(seconds, rate, warmup, 0)
+    prefill_range = (
+        (PREFILL_MIN, PREFILL_MAX) if prefill_count is None else (prefill_count, prefill_count)
+    )
+    with joulegate_stack("soak", CHUNK_INTERVAL, {"api_keys": json.dumps(TENANTS)}) as stack:
+        time.sleep(1.0)
+        uvloop.run(_soak(stack.port, stack.pid, soak, prefill_range))
+    assert stack.ledger_rows is not None
+    soak.ledger = stack.ledger_rows
     return soak
 
 
@@ -293,6 +308,11 @@ def rows(soak: Soak) -> list[Row]:
     return result
 
 
+def prefill_argument(text: str) -> int | None:
+    """`auto` (None) or a number of requests."""
+    return None if text == "auto" else int(text)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600.0, help="steady load, after prefill")
@@ -300,10 +320,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, help="s left out of the slope (default 60)")
     parser.add_argument(
         "--prefill",
-        type=int,
-        default=PREFILL,
-        help="requests sent first, as fast as answered (default: enough to fill the record "
-        f"store and the ledger's page cache, {PREFILL:,})",
+        type=prefill_argument,
+        default=None,
+        help="requests sent first, as fast as answered; auto (the default): until RSS stops "
+        "growing",
     )
     parser.add_argument("--rows-json", type=Path, help="also write the result rows here")
     arguments = parser.parse_args()
@@ -315,7 +335,8 @@ def main() -> int:
     if soak.prefill:
         print(
             f"prefill: {soak.prefill:,} requests in {soak.prefill_seconds:.0f} s "
-            f"({soak.prefill / soak.prefill_seconds:,.0f}/s)"
+            f"({soak.prefill / soak.prefill_seconds:,.0f}/s); RSS "
+            + ("had stopped growing" if soak.prefill_flat else "was still growing")
         )
     print(f"{'t s':>6}{'RSS MB':>9}")
     step = max(1, len(soak.samples) // 25)

@@ -1,7 +1,7 @@
 """joulegate's memory while it holds 1,000 concurrent SSE streams open.
 
-    .venv/bin/python benchmarks/streams_memory.py [--streams 1000] [--seconds 60] [--prefill N]
-        [--rows-json PATH]
+    .venv/bin/python benchmarks/streams_memory.py [--streams 1000] [--seconds 60]
+        [--prefill auto|N] [--rows-json PATH]
 
 Three processes on loopback: an OpenAI-style chat upstream (`chat_upstream.py`) that sends one
 chat chunk a second on every stream, `joulegate serve` in front of it as users run it (the
@@ -16,13 +16,15 @@ checks that every stream received every chunk and `[DONE]`, that joulegate count
 request in `joulegate_requests_total`, and that its ledger holds a row for each: a figure of
 memory is worth nothing if the streams did not really flow or were not all recorded.
 
-By default joulegate is fresh; `--prefill N` first sends N requests of the soak's mix, so the
-streams meet a joulegate full of what it keeps in memory (records, the ledger's page cache),
-as after a day of traffic.
+First joulegate gets the soak's whole answers, as fast as it takes them, until its RSS stops
+growing (`--prefill auto`, the default; `--prefill N`: N of them), so the streams meet a
+joulegate full of what it keeps in memory (recent records, the ledger's page cache), as after
+a day of traffic; `--prefill 0` measures a fresh one.
 
-joulegate's upstream pool is set to the number of streams (`upstream_connections`, 256 by
-default: each open stream holds one upstream connection, so the rest would wait for one), and
-every process raises its soft limit on open files to the hard limit (joulegate does that itself).
+joulegate runs with its defaults, but for more streams than its upstream pool holds
+(`upstream_connections`, 1,024: each open stream holds one upstream connection, so the rest
+would wait for one), and every process raises its soft limit on open files to the hard limit
+(joulegate does that itself).
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import argparse
 import asyncio
 import contextlib
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,19 +43,14 @@ from benchmarks.harness import (
     ChatStream,
     Memory,
     chat_request,
-    free_port,
-    ledger_rows,
+    joulegate_stack,
     memory,
-    raise_open_files_limit,
     read_answer,
     recorded_requests,
-    start_joulegate,
-    start_upstream,
-    stop,
-    wait_listening,
 )
 from benchmarks.results import INFO, Row, verdict, write_rows
-from benchmarks.soak import PREFILL, Load, send
+from benchmarks.soak import PREFILL_MAX, PREFILL_MIN, prefill, prefill_argument
+from proxy.config import Config
 
 TARGET_PEAK_MB = 200.0
 CHUNK_INTERVAL = 1.0  # s between chunks on each stream
@@ -156,38 +152,28 @@ async def hold_streams(
     return outcome
 
 
-async def _prefill(port: int, requests: int) -> None:
-    load = Load()
-    await send(port, 0, requests, load, None)
-    if load.error_count:
-        raise RuntimeError(f"the prefill had errors: {dict(load.errors)}")
-
-
-def run(count: int, seconds: float, prefill: int = 0) -> Outcome:
-    """Start the upstream and joulegate, hold the streams, stop both; the outcome. With
-    `prefill`, that many requests of the soak's mix go first, as fast as answered."""
+def run(count: int, seconds: float, prefill_count: int | None = None) -> Outcome:
+    """Start the upstream and joulegate, hold the streams, stop both; the outcome. First
+    `prefill_count` of the soak's whole answers, as fast as answered (None: until joulegate's
+    RSS stops growing)."""
     import uvloop
 
-    raise_open_files_limit()
-    upstream_port, proxy_port = free_port(), free_port()
-    with tempfile.TemporaryDirectory(prefix="joulegate-streams-") as scratch:
-        data_dir = Path(scratch)
-        upstream = start_upstream(upstream_port, CHUNK_INTERVAL)
-        proxy = start_joulegate(
-            upstream_port, proxy_port, data_dir, {"upstream_connections": str(count + 16)}
-        )
-        try:
-            wait_listening(upstream_port, process=upstream)
-            wait_listening(proxy_port, process=proxy)
-            if prefill:
-                uvloop.run(_prefill(proxy_port, prefill))
-            time.sleep(2.0)  # the sampler and ledger start; "before" is joulegate at rest
-            outcome = uvloop.run(hold_streams(proxy_port, proxy.pid, count, seconds, prefill))
-        finally:
-            stop(proxy, upstream)
-        # after SIGTERM: joulegate flushed everything
-        outcome.ledger = ledger_rows(data_dir) - prefill
-        outcome.prefill = prefill
+    pool = Config().upstream_connections
+    settings = {} if count < pool else {"upstream_connections": str(count + 16)}
+    with joulegate_stack("streams", CHUNK_INTERVAL, settings) as stack:
+        sent = 0
+        if prefill_count != 0:
+            low, high = (
+                (PREFILL_MIN, PREFILL_MAX)
+                if prefill_count is None
+                else (prefill_count, prefill_count)
+            )
+            sent, _ = uvloop.run(prefill(stack.port, stack.pid, low, high))
+        time.sleep(2.0)  # the sampler and ledger start; "before" is joulegate at rest
+        outcome = uvloop.run(hold_streams(stack.port, stack.pid, count, seconds, sent))
+    assert stack.ledger_rows is not None  # read after SIGTERM: joulegate flushed everything
+    outcome.ledger = stack.ledger_rows - sent
+    outcome.prefill = sent
     return outcome
 
 
@@ -225,10 +211,10 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="how long each stream lasts")
     parser.add_argument(
         "--prefill",
-        type=int,
-        default=0,
-        help=f"requests before the streams, e.g. {PREFILL:,} to fill what joulegate keeps "
-        "in memory (see soak.py)",
+        type=prefill_argument,
+        default=None,
+        help="requests before the streams; auto (the default): until joulegate's RSS stops "
+        "growing (see soak.py)",
     )
     parser.add_argument("--rows-json", type=Path, help="also write the result rows here")
     arguments = parser.parse_args()

@@ -92,7 +92,7 @@ class Config:
     shutdown_timeout_seconds: float = 20.0
     connect_timeout_seconds: float = 5.0
     read_timeout_seconds: float = 300.0
-    upstream_connections: int = 256
+    upstream_connections: int = 1024
     inject_stream_usage: bool = True
     routes: tuple[Route, ...] = DEFAULT_ROUTES
     # sha256 hex digest of an API key -> tenant name. Raw keys never appear in config or logs.

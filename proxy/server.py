@@ -31,7 +31,7 @@ from proxy.ledger import Ledger, LedgerError, open_ledger
 from proxy.meter import Meter, open_meter
 from proxy.metrics import BudgetCollector, DeviceCollector, LabelGuard, LedgerCollector, Metrics
 from proxy.recorder import Recorder
-from proxy.records import RecordStore
+from proxy.records import RECORDS_KEPT, RECORDS_KEPT_WITH_LEDGER, RecordStore
 from proxy.sampler import Sampler
 
 log = logging.getLogger("joulegate")
@@ -267,9 +267,15 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
     in meters over a fake NVML)."""
     guard = LabelGuard(config.tenants, config.models, config.max_models)
     budgets = _budgets(config)
-    recorder = Recorder(
-        Metrics(guard), RecordStore(), carbon=_carbon_model(config), budgets=budgets
+    ledger = open_ledger(
+        config.ledger,
+        config.data_dir,
+        instance=config.instance,
+        flush_interval=config.ledger_flush_interval_seconds,
+        max_pending=config.ledger_max_pending,
     )
+    store = RecordStore(RECORDS_KEPT if ledger is None else RECORDS_KEPT_WITH_LEDGER)
+    recorder = Recorder(Metrics(guard), store, carbon=_carbon_model(config), budgets=budgets)
     classifier = Classifier(
         config.routes, config.api_keys, teams=config.teams, tenant_header=config.tenant_header
     )
@@ -286,13 +292,6 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
     app[RECORDER] = recorder
     app[FORWARDER] = forwarder
     app[ACCESS] = AccessControl(config.admin_token, config.metrics_token, classifier.key_tenant)
-    ledger = open_ledger(
-        config.ledger,
-        config.data_dir,
-        instance=config.instance,
-        flush_interval=config.ledger_flush_interval_seconds,
-        max_pending=config.ledger_max_pending,
-    )
     if ledger is not None:
         recorder.ledger = ledger
         recorder.metrics.registry.register(LedgerCollector(ledger))
@@ -385,7 +384,8 @@ def _access_summary(config: Config) -> str:
 
 
 def raise_open_files_limit() -> None:
-    """Raise the soft limit on open files to the hard limit, as nginx and uvicorn users expect.
+    """Raise the soft limit on open files to the hard limit, as systemd advises services that
+    need many descriptors to do (and as Go programs do at start).
 
     Each proxied stream holds two sockets (client and upstream), so 1,000 concurrent SSE
     streams need over 2,000 descriptors, and the soft limit is often 1,024: past it, accept()

@@ -204,8 +204,9 @@ def test_proxy_overhead_runs_end_to_end_with_nginx_beside_joulegate(tmp_path: Pa
     assert json.loads(rows_path.read_text())
 
 
-def _soak(samples: list[tuple[float, float]], prefill: int, errors: int = 0) -> soak.Soak:
-    run = soak.Soak(seconds=600.0, rate=200.0, warmup=60.0, prefill=prefill)
+def _soak(samples: list[tuple[float, float]], flat: bool, errors: int = 0) -> soak.Soak:
+    prefill = 180_000 if flat else 10_000
+    run = soak.Soak(600.0, 200.0, 60.0, prefill, prefill_flat=flat)
     run.samples = samples
     run.load.sent = 120_000
     if errors:
@@ -216,7 +217,7 @@ def _soak(samples: list[tuple[float, float]], prefill: int, errors: int = 0) -> 
 
 def test_the_soak_fits_the_slope_after_the_warm_up_and_judges_it() -> None:
     flat = [(t, 200.0 + (10.0 if t >= 60 else t / 6)) for t in range(0, 605, 5)]
-    run = _soak(flat, soak.PREFILL)
+    run = _soak(flat, True)
     assert run.slope_mb_per_hour == pytest.approx(0.0, abs=1e-9)  # the warm-up's rise left out
     [row, prefill_row] = soak.rows(run)
     assert row.verdict == PASS and row.value.startswith("+0.0 MB/h")
@@ -224,14 +225,14 @@ def test_the_soak_fits_the_slope_after_the_warm_up_and_judges_it() -> None:
 
     # 6 MB an hour: 1 MB over the 10 minutes
     growing = [(float(t), 200.0 + t / 600) for t in range(0, 605, 5)]
-    assert soak.rows(_soak(growing, soak.PREFILL))[0].verdict == MISS
+    assert soak.rows(_soak(growing, True))[0].verdict == MISS
     assert soak.Soak(600, 200, 60, 0, samples=growing).slope_mb_per_hour == pytest.approx(6.0)
 
     # the same figures while the caches still fill say so and are not judged...
-    unjudged = soak.rows(_soak(growing, prefill=1000))[0]
+    unjudged = soak.rows(_soak(growing, False))[0]
     assert unjudged.verdict == INFO and unjudged.value.startswith("caches still filling")
     # ...but a failed request always is
-    assert soak.rows(_soak(flat, prefill=0, errors=1))[0].verdict == MISS
+    assert soak.rows(_soak(flat, False, errors=1))[0].verdict == MISS
 
 
 def test_the_stream_counter_finds_events_split_anywhere() -> None:

@@ -49,7 +49,7 @@ def test_defaults_without_file_or_environment() -> None:
     assert config.max_body_bytes == 32 * 1024 * 1024
     assert config.connect_timeout_seconds == 5.0
     assert config.read_timeout_seconds == 300.0
-    assert config.upstream_connections == 256
+    assert config.upstream_connections == 1024
     assert config.inject_stream_usage is True
     assert config.routes == DEFAULT_ROUTES
     assert dict(config.api_keys) == {}

@@ -13,6 +13,7 @@ from pathlib import Path
 import aiohttp
 
 from proxy.ledger import open_ledger
+from proxy.records import RECORDS_KEPT, RECORDS_KEPT_WITH_LEDGER
 from proxy.server import RECORDER
 from tests.fake_openai import create_fake_openai
 from tests.servers import free_port, joulegate, metric_series, serve, settled
@@ -128,3 +129,16 @@ async def test_sigterm_under_load_drains_and_every_completed_request_is_in_the_l
     missing = [request_id for request_id in completed if request_id not in stored]
     assert not missing, f"{len(missing)} of {len(completed)} completed requests lost"
     assert all(stored[i]["energy_joules"] is not None for i in completed)
+
+
+async def test_memory_keeps_fewer_records_when_a_ledger_answers_for_the_rest(
+    tmp_path: Path,
+) -> None:
+    """With a ledger every record stays findable, so memory keeps only the newest
+    (RECORDS_KEPT_WITH_LEDGER, about 10 MB); without one, memory is the only copy."""
+    async with serve(create_fake_openai()) as upstream:
+        async with joulegate(upstream, ledger="sqlite", data_dir=str(tmp_path)) as (_, app):
+            assert app[RECORDER].store.capacity == RECORDS_KEPT_WITH_LEDGER
+        async with joulegate(upstream, ledger="off") as (_, app):
+            assert app[RECORDER].store.capacity == RECORDS_KEPT
+    assert RECORDS_KEPT_WITH_LEDGER < RECORDS_KEPT

@@ -4,8 +4,8 @@ The slow tests (`make test-slow`) run the benchmarks' own code: 1,000 concurrent
 held for JOULEGATE_STREAMS_SECONDS (default 60) with peak RSS <= 200 MB, and a soak at 200
 requests a second for JOULEGATE_SOAK_SECONDS (default 600) whose memory must not keep growing.
 Both start after a prefill until joulegate's memory stops growing (what it keeps: recent
-records, the ledger's page cache), as after a day of traffic. CI sets both shorter. The fast test checks what lets 1,000 streams in at all: joulegate raises
-its own limit on open files.
+records, the ledger's page cache), as after a day of traffic. CI sets both shorter. The fast
+test checks what lets 1,000 streams in at all: joulegate raises its own limit on open files.
 """
 
 from __future__ import annotations

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 
 from aiohttp import web
+
+
+def error_body(message: str, error_type: str, code: str, param: str | None = None) -> bytes:
+    """`{"error": {"message", "type", "code", "param"}}`, as JSON bytes."""
+    error = {"message": message, "type": error_type, "code": code, "param": param}
+    return json.dumps({"error": error}).encode()
 
 
 def error_response(
@@ -16,5 +23,9 @@ def error_response(
     param: str | None = None,
 ) -> web.Response:
     """`{"error": {"message", "type", "code", "param"}}` with the given HTTP status."""
-    body = {"error": {"message": message, "type": error_type, "code": code, "param": param}}
-    return web.json_response(body, status=status, headers=headers)
+    return web.Response(
+        text=error_body(message, error_type, code, param).decode(),
+        status=status,
+        headers=headers,
+        content_type="application/json",
+    )

@@ -10,18 +10,18 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import secrets
 import time
 from typing import Any
 
-from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.budgets import Admission, Budgets, degrade_body
 from proxy.classify import KEY_HEADERS, Classification, Classifier
 from proxy.config import Config
-from proxy.errors import error_response
+from proxy.front import ClientRequest
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.upstream import (
@@ -34,6 +34,8 @@ from proxy.upstream import (
 )
 from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
 from proxy.weights import POLICIES
+
+log = logging.getLogger("joulegate")
 
 REQUEST_ID_HEADER = "X-Request-Id"
 # `X-Joulegate-Energy: inline` asks for the request's energy in its answer: a header on a
@@ -53,7 +55,7 @@ HOP_BY_HOP = frozenset(
 )
 # Host and Content-Length are set again for the upstream connection; Expect is answered here.
 _REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
-# aiohttp writes its own Date and Server, as nginx does; length is set below when known.
+# The front writes its own Date and Server, as nginx does; length is set below when known.
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
 # A JSON answer is kept for reading its usage up to this size; larger ones pass uncounted.
 _MAX_JSON_USAGE_BYTES = 64 * 1024 * 1024
@@ -141,25 +143,25 @@ class Forwarder:
         if self.pool is not None:
             await self.pool.close()
 
-    def _request_id(self, request: web.Request) -> str:
+    def _request_id(self, request: ClientRequest) -> str:
         offered = request.headers.get(REQUEST_ID_HEADER, "")
         if is_sane_request_id(offered) and not self.recorder.knows(offered):
             return offered
         return new_request_id()
 
-    def _upstream_headers(self, request: web.Request, request_id: str) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: ClientRequest, request_id: str) -> CIMultiDict[str]:
         headers = _forwardable(request.headers, self._request_drop)
         if self._upstream_authorization is not None:
             headers["Authorization"] = self._upstream_authorization
         chain = request.headers.get("X-Forwarded-For")
-        remote = request.remote or ""
+        remote = request.remote
         headers["X-Forwarded-For"] = f"{chain}, {remote}" if chain else remote
         headers["X-Forwarded-Proto"] = request.scheme
         headers["X-Forwarded-Host"] = request.host
         headers[REQUEST_ID_HEADER] = request_id
         return headers
 
-    async def handle(self, request: web.Request) -> web.StreamResponse:
+    async def handle(self, request: ClientRequest) -> None:
         start, started_at = time.monotonic(), time.time()
         request_id = self._request_id(request)
         id_header = {REQUEST_ID_HEADER: request_id}
@@ -182,7 +184,7 @@ class Forwarder:
             method=request.method,
             # As sent (percent-encoded, so always ASCII): a decoded %00 or %FF is text no
             # ledger could store.
-            path=request.rel_url.raw_path,
+            path=request.raw_path,
             upstream=self.config.upstream,
             started_at=started_at,
             start=start,
@@ -193,26 +195,38 @@ class Forwarder:
             self.recorder.admitted(record.id, admission)
         try:
             if refusal is not None:
-                return await self._refuse_body(request, record, refusal, id_header)
-            if self.config.require_api_key and not classification.identified:
-                return self._failed(
+                self._refuse_body(request, record, refusal, id_header)
+            elif self.config.require_api_key and not classification.identified:
+                self._failed(
+                    request,
                     record,
-                    error_response(
-                        401,
-                        "A valid API key is required.",
-                        "invalid_request_error",
-                        "invalid_api_key",
-                        id_header,
-                    ),
                     "no valid API key",
+                    401,
+                    "A valid API key is required.",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                    id_header,
                 )
-            if admission is not None and admission.rejected:
-                return self._failed(
+            elif admission is not None and admission.rejected:
+                self._over_budget(request, record, admission, classification.tenant, id_header)
+            else:
+                await self._exchange(request, record, body, classification, id_header)
+        except Exception:  # a bug here: the client still gets an answer, the record is kept
+            log.exception("error forwarding %s %s", request.method, request.raw_path)
+            if request.connection.answered:
+                request.connection.abort()
+            else:
+                self._failed(
+                    request,
                     record,
-                    _over_budget(admission, classification.tenant, id_header),
-                    f"energy budget {admission.exceeded[0]} spent",
+                    "proxy error",
+                    500,
+                    "joulegate failed while handling the request.",
+                    "server_error",
+                    "internal_error",
+                    id_header,
+                    close=True,
                 )
-            return await self._exchange(request, record, body, classification, id_header)
         except asyncio.CancelledError:
             if record.status not in (STATUS_OK, STATUS_ABORTED, STATUS_ERROR):
                 record.finish(
@@ -227,7 +241,7 @@ class Forwarder:
                 record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
             self.recorder.ended(record)
 
-    async def _read_body(self, request: web.Request) -> tuple[bytes, str | None]:
+    async def _read_body(self, request: ClientRequest) -> tuple[bytes, str | None]:
         """The whole request body, or why it is refused: larger than `max_body_bytes`, or the
         client paused longer than `client_body_timeout_seconds` between two reads (nginx's
         client_body_timeout). Bytes already received are taken without a timer: only a read
@@ -235,7 +249,11 @@ class Forwarder:
         limit = self.config.max_body_bytes
         if (request.content_length or 0) > limit:
             return b"", _BODY_TOO_LARGE
-        content = request.content
+        content = request.body
+        if content.is_eof() and not content.total_bytes:
+            return b"", None  # no body at all (GET): nothing to wait for
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            request.connection.send_continue()
         chunks: list[bytes] = []
         size = 0
         while True:
@@ -256,36 +274,38 @@ class Forwarder:
             chunks.append(chunk)
         return b"".join(chunks), None
 
-    async def _refuse_body(
+    def _refuse_body(
         self,
-        request: web.Request,
+        request: ClientRequest,
         record: RequestRecord,
         refusal: str,
         id_header: dict[str, str],
-    ) -> web.StreamResponse:
-        """413 for a body over the limit; 408 for a client too slow to send it, after which
-        the connection is closed: reading on would give a slowloris what it wants."""
+    ) -> None:
+        """413 for a body over the limit; 408 for a client too slow to send it. The connection
+        is closed after either: the rest of the body is not read (reading on would give a
+        slowloris what it wants), so where the next request starts is unknown."""
         if refusal == _BODY_TOO_LARGE:
             message = (
                 f"Request body is larger than the limit of {self.config.max_body_bytes} bytes."
             )
-            response = error_response(
-                413, message, "invalid_request_error", "request_too_large", id_header
+            status, code = 413, "request_too_large"
+        else:
+            message = (
+                "The request body stopped arriving: nothing came for"
+                f" {self.config.client_body_timeout_seconds:g} s."
             )
-            return self._failed(record, response, refusal)
-        message = (
-            "The request body stopped arriving: nothing came for"
-            f" {self.config.client_body_timeout_seconds:g} s."
+            status, code = 408, "client_body_timeout"
+        self._failed(
+            request,
+            record,
+            refusal,
+            status,
+            message,
+            "invalid_request_error",
+            code,
+            id_header,
+            close=True,
         )
-        response = error_response(
-            408, message, "invalid_request_error", "client_body_timeout", id_header
-        )
-        self._failed(record, response, refusal)
-        response.force_close()
-        await response.prepare(request)
-        await response.write_eof()
-        request.protocol.force_close()  # after the answer is written: the transport sends it
-        return response
 
     # ---- energy budgets ----
 
@@ -308,18 +328,57 @@ class Forwarder:
         )
         return admission, json.dumps(rewritten).encode(), c, ", ".join(changes)
 
-    def _failed(self, record: RequestRecord, response: web.Response, reason: str) -> web.Response:
-        record.finish(time.monotonic(), STATUS_ERROR, response.status, reason)
-        return response
+    def _over_budget(
+        self,
+        request: ClientRequest,
+        record: RequestRecord,
+        admission: Admission,
+        tenant: str,
+        id_header: dict[str, str],
+    ) -> None:
+        """429 in the OpenAI error format, with Retry-After until the budget has room again."""
+        retry = admission.retry_after_seconds or 1
+        names = ", ".join(admission.exceeded)
+        message = (
+            f"The energy budget {names} of tenant {tenant} is spent for this request"
+            f" (about {admission.estimate_joules:.3g} J). Retry after {retry} s."
+        )
+        self._failed(
+            request,
+            record,
+            f"energy budget {admission.exceeded[0]} spent",
+            429,
+            message,
+            "energy_budget_exceeded",
+            "energy_budget_exceeded",
+            {**id_header, "Retry-After": str(retry)},
+        )
+
+    def _failed(
+        self,
+        request: ClientRequest,
+        record: RequestRecord,
+        reason: str,
+        status: int,
+        message: str,
+        error_type: str,
+        code: str,
+        headers: dict[str, str],
+        *,
+        close: bool = False,
+    ) -> None:
+        """joulegate's own error answer (the OpenAI format); the record says why."""
+        record.finish(time.monotonic(), STATUS_ERROR, status, reason)
+        request.connection.send_error(status, message, error_type, code, headers, close=close)
 
     async def _exchange(
         self,
-        request: web.Request,
+        request: ClientRequest,
         record: RequestRecord,
         body: bytes,
         classification: Classification,
         id_header: dict[str, str],
-    ) -> web.StreamResponse:
+    ) -> None:
         assert self.pool is not None, "Forwarder.open() was not awaited"
         strip_usage_chunk = False
         if self.config.inject_stream_usage and _wants_usage_injection(request.path, classification):
@@ -329,47 +388,51 @@ class Forwarder:
         upstream = None
         try:
             upstream = await self.pool.request(
-                request.method, request.raw_path, self._upstream_headers(request, record.id), body
+                request.method, request.target, self._upstream_headers(request, record.id), body
             )
-            return await self._relay(request, upstream, record, strip_usage_chunk, id_header)
+            await self._relay(request, upstream, record, strip_usage_chunk, id_header)
         except UpstreamRefused:
             self.recorder.metrics.upstream_errors["refused"].inc()
             self.recorder.release(record.id)  # never reached the upstream: no energy budgeted
             message = f"The upstream at {self.config.upstream} refused the connection."
-            return self._failed(
+            self._failed(
+                request,
                 record,
-                error_response(502, message, "upstream_error", "upstream_unavailable", id_header),
                 "upstream refused connection",
+                502,
+                message,
+                "upstream_error",
+                "upstream_unavailable",
+                id_header,
             )
         except UpstreamTimeout:
             self.recorder.metrics.upstream_errors["timeout"].inc()
-            return self._failed(record, self._timeout(id_header), "upstream timeout")
+            self._failed(
+                request,
+                record,
+                "upstream timeout",
+                504,
+                f"The upstream at {self.config.upstream} did not answer in time.",
+                "upstream_error",
+                "upstream_timeout",
+                id_header,
+            )
         except UpstreamError as error:
             cause = "closed_mid_answer" if isinstance(error, UpstreamClosed) else "invalid_response"
             self.recorder.metrics.upstream_errors[cause].inc()
-            return self._failed(
+            self._failed(
+                request,
                 record,
-                error_response(
-                    502,
-                    f"The upstream answered with an invalid response: {error}",
-                    "upstream_error",
-                    "bad_upstream_response",
-                    id_header,
-                ),
                 "bad upstream response",
+                502,
+                f"The upstream answered with an invalid response: {error}",
+                "upstream_error",
+                "bad_upstream_response",
+                id_header,
             )
         finally:
             if upstream is not None:
                 upstream.release()
-
-    def _timeout(self, id_header: dict[str, str]) -> web.Response:
-        return error_response(
-            504,
-            f"The upstream at {self.config.upstream} did not answer in time.",
-            "upstream_error",
-            "upstream_timeout",
-            id_header,
-        )
 
     async def _energy_of(self, record: RequestRecord) -> RequestRecord:
         """End the record now and wait for its energy, for answers that carry it inline."""
@@ -378,13 +441,14 @@ class Forwarder:
 
     async def _whole_answer(
         self,
+        request: ClientRequest,
         upstream: UpstreamResponse,
         body: bytes,
         record: RequestRecord,
         keep_json: bool,
         headers: CIMultiDict[str],
         inline_energy: bool,
-    ) -> web.Response:
+    ) -> None:
         """A small answer of known length, read whole: one write to the client, and an upstream
         failure while reading it can still be answered with a proper 502 or 504."""
         if keep_json:
@@ -393,18 +457,16 @@ class Forwarder:
         if inline_energy:
             settled = await self._energy_of(record)
             headers[ENERGY_HEADER] = _joules(settled.energy_joules)
-        return web.Response(
-            status=upstream.status, reason=upstream.reason, headers=headers, body=body
-        )
+        request.connection.send(upstream.status, headers.items(), body, reason=upstream.reason)
 
     async def _relay(
         self,
-        request: web.Request,
+        request: ClientRequest,
         upstream: UpstreamResponse,
         record: RequestRecord,
         strip_usage_chunk: bool,
         id_header: dict[str, str],
-    ) -> web.StreamResponse:
+    ) -> None:
         inline_energy = request.headers.get(INLINE_ENERGY_HEADER, "").lower() == "inline"
         content_type = upstream.headers.get("Content-Type", "").lower()
         encoded = upstream.headers.get("Content-Encoding", "identity").lower() != "identity"
@@ -417,19 +479,20 @@ class Forwarder:
         headers = _forwardable(upstream.headers, _RESPONSE_DROP)
         headers.update(id_header)
         length = upstream.content_length
+        head_only = request.method == "HEAD"
         whole = sse is None and length is not None and length <= _WHOLE_ANSWER_BYTES
-        if whole and request.method != "HEAD":
+        if whole and not head_only:
             body = await upstream.read()
-            return await self._whole_answer(
-                upstream, body, record, keep_json, headers, inline_energy
+            await self._whole_answer(
+                request, upstream, body, record, keep_json, headers, inline_energy
             )
-        response = web.StreamResponse(
-            status=upstream.status, reason=upstream.reason, headers=headers
-        )
-        if upstream.content_length is not None and not strip_usage_chunk:
-            response.content_length = upstream.content_length
+            return
+        connection = request.connection
+        promised = length if not strip_usage_chunk else None
         record.code = upstream.status
-        await response.prepare(request)
+        await connection.start(
+            upstream.status, headers.items(), promised, reason=upstream.reason, head_only=head_only
+        )
         collected: bytearray | None = bytearray() if keep_json else None
         status, reason = STATUS_OK, None
         try:
@@ -440,9 +503,9 @@ class Forwarder:
                         collected = None
                 out = sse.feed(chunk) if sse is not None else chunk
                 if out:
-                    await response.write(out)
+                    await connection.write(out)
             if sse is not None and (tail := sse.flush()):
-                await response.write(tail)
+                await connection.write(tail)
         except UpstreamTimeout:
             self.recorder.metrics.upstream_errors["timeout"].inc()
             status, reason = STATUS_ABORTED, "upstream timed out mid-answer"
@@ -457,31 +520,17 @@ class Forwarder:
             _read_usage(record, bytes(collected))
         record.finish(time.monotonic(), status, upstream.status, reason)
         if reason == "client disconnected":
-            return response
+            return
         if status == STATUS_OK:
+            tail = b""
             if inline_energy and sse is not None:
                 settled = await self._energy_of(record)
-                await response.write(_energy_event(settled))
-            await response.write_eof()
-        elif response.content_length is not None:
-            # A promised length cannot be kept: closing tells the client the body is short.
-            if request.transport is not None:
-                request.transport.close()
+                tail = _energy_event(settled)
+            await connection.end(tail)
+        elif promised is not None:
+            connection.abort()  # a promised length cannot be kept: closing says it is short
         else:
-            await response.write_eof()  # a chunked stream ends cleanly
-        return response
-
-
-def _over_budget(admission: Admission, tenant: str, id_header: dict[str, str]) -> web.Response:
-    """429 in the OpenAI error format, with Retry-After until the budget has room again."""
-    retry = admission.retry_after_seconds or 1
-    names = ", ".join(admission.exceeded)
-    message = (
-        f"The energy budget {names} of tenant {tenant} is spent for this request"
-        f" (about {admission.estimate_joules:.3g} J). Retry after {retry} s."
-    )
-    headers = {**id_header, "Retry-After": str(retry)}
-    return error_response(429, message, "energy_budget_exceeded", "energy_budget_exceeded", headers)
+            await connection.end()  # a chunked stream ends cleanly
 
 
 def is_sane_request_id(value: str) -> bool:

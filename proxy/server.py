@@ -1,4 +1,5 @@
-"""The aiohttp application: joulegate's own endpoints beside the proxied API."""
+"""joulegate assembled: its own endpoints as an aiohttp application, the forwarder beside
+them, and `serving`, which puts the front (proxy/front.py) before both."""
 
 from __future__ import annotations
 
@@ -7,10 +8,13 @@ import contextlib
 import dataclasses
 import logging
 import math
+import os
+import secrets
 import signal
 import sys
+import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 
@@ -24,9 +28,16 @@ from proxy.budgets import Budgets, BudgetScope, SumEnergy, read_state, write_sta
 from proxy.carbon import CarbonModel, IntensitySeries
 from proxy.classify import Classifier
 from proxy.config import Config, ConfigError
-from proxy.connections import ProxyRunner, connection_settings
 from proxy.errors import error_response
 from proxy.forward import Forwarder, is_sane_request_id
+from proxy.front import (
+    KEEPALIVE_TIMEOUT_SECONDS,
+    MAX_REQUEST_LINE_BYTES,
+    Front,
+    Limits,
+    listening_unix_socket,
+    relay_to_unix_socket,
+)
 from proxy.ledger import Ledger, LedgerError, open_ledger
 from proxy.meter import Meter, open_meter
 from proxy.metrics import BudgetCollector, DeviceCollector, LabelGuard, LedgerCollector, Metrics
@@ -102,6 +113,34 @@ async def request_record(request: web.Request) -> web.Response:
     if document is None or not reader.may_read(document["tenant"]):
         return _request_not_found(request_id)
     return web.json_response(document)
+
+
+@web.middleware
+async def _failures_in_openai_format(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A bug in one of joulegate's own endpoints is answered 500 in the OpenAI format (and
+    logged), never as aiohttp's plain text."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except Exception:
+        log.exception("error handling %s %s", request.method, request.path)
+        return error_response(
+            500, "joulegate failed while handling the request.", "server_error", "internal_error"
+        )
+
+
+async def _no_such_endpoint(request: web.Request) -> web.Response:
+    """A path under joulegate's own prefix that names none of its endpoints (those paths are
+    never forwarded upstream), or one of them with the wrong method."""
+    return error_response(
+        404,
+        f"joulegate has no endpoint {request.method} {request.path}.",
+        "not_found_error",
+        "unknown_endpoint",
+    )
 
 
 def _request_not_found(request_id: str) -> web.Response:
@@ -260,8 +299,8 @@ async def _ledger_energy(ledger: Ledger, scope: BudgetScope, start: float, end: 
 
 
 def create_app(config: Config, *, meter: Meter | None = None) -> web.Application:
-    """The whole proxy as an aiohttp application, served by `serving` (through `ProxyRunner`,
-    whose connections answer unparseable HTTP in the OpenAI format and time out slow heads).
+    """The whole proxy: an aiohttp application for joulegate's own endpoints, holding the
+    `Forwarder` for everything else; `serving` puts the front before both.
 
     The meter named by `config.meter` is opened at start-up; `meter` replaces it (tests hand
     in meters over a fake NVML)."""
@@ -287,7 +326,9 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
         )
 
     given_meter = meter
-    app = web.Application(client_max_size=config.max_body_bytes)
+    app = web.Application(
+        client_max_size=config.max_body_bytes, middlewares=[_failures_in_openai_format]
+    )
     app[CONFIG] = config
     app[RECORDER] = recorder
     app[FORWARDER] = forwarder
@@ -340,8 +381,29 @@ def create_app(config: Config, *, meter: Meter | None = None) -> web.Application
     app.router.add_get("/joulegate/requests/{id:.*}", request_record)
     app.router.add_get("/joulegate/budgets", budget_states)
     app.router.add_get("/metrics", metrics)
-    app.router.add_route("*", "/{tail:.*}", forwarder.handle)
+    app.router.add_route("*", "/{tail:.*}", _no_such_endpoint)
     return app
+
+
+def front_limits(config: Config) -> Limits:
+    """What joulegate's configuration says a client's request head may be."""
+    return Limits(
+        max_line_size=MAX_REQUEST_LINE_BYTES,
+        max_field_size=config.max_header_bytes,
+        max_headers=config.max_headers,
+        header_timeout=config.client_header_timeout_seconds,
+        keepalive_timeout=KEEPALIVE_TIMEOUT_SECONDS,
+    )
+
+
+def _own_socket_path() -> tuple[str, tempfile.TemporaryDirectory[str] | None]:
+    """Where joulegate's own application listens for the front: on Linux an abstract Unix
+    socket (no file, so a read-only root file system is no obstacle), elsewhere a file in a
+    temporary directory."""
+    if sys.platform.startswith("linux"):
+        return f"\0joulegate-{os.getpid()}-{secrets.token_hex(8)}", None
+    scratch = tempfile.TemporaryDirectory(prefix="joulegate-")
+    return os.path.join(scratch.name, "own.sock"), scratch
 
 
 @asynccontextmanager
@@ -350,26 +412,45 @@ async def serving(
 ) -> AsyncIterator[str]:
     """Serve `app` inside a running loop (tests, benchmarks, the demo); yields its base URL.
 
-    Handlers are cancelled when their client disconnects, as under `run`. joulegate's own
-    application gets its connection settings (limits, timeouts) from its configuration; any
-    other (a test's upstream) keeps aiohttp's."""
+    joulegate's own application (one from `create_app`) is served through the front
+    (`proxy.front`): forwarded requests go straight to its `Forwarder`, its own paths to the
+    application on an internal Unix socket. On the way out the front stops accepting, lets
+    requests in flight finish for up to `shutdown_timeout_seconds`, and only then is the
+    application cleaned up (upstream pool, meter, ledger's last flush). Any other application
+    (a test's upstream) is served by aiohttp as it comes. Handlers are cancelled when their
+    client disconnects, in both."""
     config = app.get(CONFIG)
-    settings = connection_settings(config) if config is not None else {}
-    runner = ProxyRunner(
-        app,
-        handler_cancellation=True,
-        access_log=None,
-        shutdown_timeout=config.shutdown_timeout_seconds if config is not None else 60.0,
-        **settings,
-    )
+    if config is None:
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, host, port)
+        await site.start()
+        bound_host, bound_port = runner.addresses[0][:2]
+        try:
+            yield f"http://{bound_host}:{bound_port}"
+        finally:
+            await runner.cleanup()
+        return
+    socket_path, scratch = _own_socket_path()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=5.0)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    bound_host, bound_port = runner.addresses[0][:2]
+    front = None
     try:
+        await web.SockSite(runner, listening_unix_socket(socket_path)).start()
+        front = Front(
+            app[FORWARDER].handle,
+            partial(relay_to_unix_socket, path=socket_path, max_body=config.max_body_bytes),
+            front_limits(config),
+            asyncio.get_running_loop(),
+        )
+        bound_host, bound_port = await front.start(host, port)
         yield f"http://{bound_host}:{bound_port}"
     finally:
+        if front is not None:
+            await front.shutdown(config.shutdown_timeout_seconds)
         await runner.cleanup()
+        if scratch is not None:
+            scratch.cleanup()
 
 
 def _access_summary(config: Config) -> str:
@@ -437,7 +518,7 @@ def run(config: Config) -> None:
     app.on_startup.append(announce)
 
     async def serve_until_signalled() -> None:
-        # `web.run_app` cannot serve through `ProxyRunner`; this is its loop, short.
+        # `web.run_app` cannot serve through the front; this is its loop, short.
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)

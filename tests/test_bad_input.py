@@ -264,21 +264,37 @@ async def test_requests_that_are_not_http_get_400_in_openai_format(
     assert len(up.received) == 1  # the normal request only
 
 
-async def test_a_handler_that_raises_gets_500_in_openai_format() -> None:
-    """Any failure aiohttp answers for a handler is in the OpenAI format too (joulegate's
-    handlers catch their own, so this serves an app whose handler raises)."""
+async def test_a_failure_inside_joulegate_gets_500_in_openai_format(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in joulegate is answered 500 in the OpenAI format, never a traceback or plain
+    text: on a forwarded path (the front answers) and on its own endpoints (the aiohttp
+    application's middleware answers). The request is still recorded."""
 
-    async def broken(request: web.Request) -> web.Response:
+    async def broken_exchange(*args: object) -> None:
         raise RuntimeError("a bug")
 
-    app = web.Application()
-    app.router.add_get("/broken", broken)
-    async with serve(app) as url:
-        answer = await raw_exchange(url, b"GET /broken HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert answer.status == 500
-    error = answer.error()
-    assert (error["code"], error["type"]) == ("internal_error", "server_error")
-    assert "a bug" not in error["message"]  # no internals to the client
+    def broken_reader(*args: object) -> None:
+        raise RuntimeError("a bug")
+
+    chat = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    forwarded_request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n\r\n%s" % (len(chat), chat)
+    )
+    async with upstream() as up, joulegate(up.url) as (proxy, app):
+        monkeypatch.setattr("proxy.forward.Forwarder._exchange", broken_exchange)
+        monkeypatch.setattr("proxy.access.AccessControl.reader", broken_reader)
+        forwarded = await raw_exchange(proxy, forwarded_request)
+        own = await raw_exchange(proxy, b"GET /joulegate/budgets HTTP/1.1\r\nHost: x\r\n\r\n")
+        await settled(app)
+        record = app[RECORDER].store.get(forwarded.headers["x-request-id"].decode())
+    for answer in (forwarded, own):
+        assert answer.status == 500
+        error = answer.error()
+        assert (error["code"], error["type"]) == ("internal_error", "server_error")
+        assert "a bug" not in error["message"]  # no internals to the client
+    assert record is not None and record.status == "error" and record.code == 500
 
 
 # ---- 2. bodies that are not what the route expects: forwarded untouched ----

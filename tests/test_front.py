@@ -1,0 +1,156 @@
+"""The front (proxy/front.py): HTTP/1.1 as clients speak it, over raw sockets.
+
+Keep-alive for HTTP/1.1 and HTTP/1.0 clients, pipelined requests answered in order, `Expect:
+100-continue`, HEAD, chunked answers of unknown length, and joulegate's own paths answered by
+its application (never forwarded) with the connection closed after them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from aiohttp import web
+
+from tests.servers import joulegate, serve
+from tests.test_bad_input import _connect, _parse_answer, raw_exchange, read_one_answer
+
+BODY = json.dumps({"model": "m", "input": "x"}).encode()
+
+
+def _post(path: bytes = b"/v1/embeddings", version: bytes = b"1.1", extra: bytes = b"") -> bytes:
+    return (
+        b"POST %s HTTP/%s\r\nHost: x\r\nContent-Type: application/json\r\n%s"
+        b"Content-Length: %d\r\n\r\n%s" % (path, version, extra, len(BODY), BODY)
+    )
+
+
+def _upstream_app(seen: list[str]) -> web.Application:
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        seen.append(f"{request.method} {request.path_qs}")
+        if request.path == "/stream":  # no length: the front must chunk it
+            response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (b"one ", b"two ", b"three"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+        return web.json_response({"object": "list", "path": request.path_qs, "data": []})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    return app
+
+
+async def test_pipelined_requests_are_answered_in_order_on_one_connection() -> None:
+    seen: list[str] = []
+    async with serve(_upstream_app(seen)) as up, joulegate(up) as (proxy, _):
+        reader, writer = await _connect(proxy)
+        try:
+            writer.write(b"".join(_post(b"/v1/embeddings?n=%d" % n) for n in range(5)))
+            answers = [await read_one_answer(reader) for _ in range(5)]
+        finally:
+            writer.close()
+    assert [json.loads(a.body)["path"] for a in answers] == [
+        f"/v1/embeddings?n={n}" for n in range(5)
+    ]
+    assert len({a.headers["x-request-id"] for a in answers}) == 5
+    assert seen == [f"POST /v1/embeddings?n={n}" for n in range(5)]
+
+
+async def test_an_http_1_0_client_is_kept_alive_only_when_it_asks() -> None:
+    async with serve(_upstream_app([])) as up, joulegate(up) as (proxy, _):
+        reader, writer = await _connect(proxy)
+        try:
+            for _ in range(2):  # two requests on one connection: it stayed open
+                writer.write(_post(version=b"1.0", extra=b"Connection: keep-alive\r\n"))
+                answer = await read_one_answer(reader)
+                assert answer.status == 200
+                assert answer.headers["connection"].lower() == b"keep-alive"
+        finally:
+            writer.close()
+        # without asking, the answer says close and the connection ends after it
+        plain = await raw_exchange(proxy, _post(version=b"1.0"))
+    assert plain.status == 200 and plain.headers["connection"].lower() == b"close"
+    assert json.loads(plain.body)["object"] == "list"
+
+
+async def test_a_client_expecting_100_continue_gets_it_before_sending_its_body() -> None:
+    async with serve(_upstream_app([])) as up, joulegate(up) as (proxy, _):
+        reader, writer = await _connect(proxy)
+        try:
+            head = _post(extra=b"Expect: 100-continue\r\n")[: -len(BODY)]
+            writer.write(head)
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            assert interim.startswith(b"HTTP/1.1 100 Continue")
+            writer.write(BODY)
+            answer = await read_one_answer(reader)
+        finally:
+            writer.close()
+    assert answer.status == 200 and json.loads(answer.body)["object"] == "list"
+
+
+async def test_head_gets_the_length_without_a_body_and_the_connection_goes_on() -> None:
+    async with serve(_upstream_app([])) as up, joulegate(up) as (proxy, _):
+        reader, writer = await _connect(proxy)
+        try:
+            writer.write(b"HEAD /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = _parse_answer(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10))
+            writer.write(_post())  # the next answer follows at once: no body was sent
+            answer = await read_one_answer(reader)
+        finally:
+            writer.close()
+    assert head.status == 200 and int(head.headers["content-length"]) > 0
+    assert answer.status == 200 and json.loads(answer.body)["object"] == "list"
+
+
+async def test_an_answer_of_unknown_length_is_chunked_and_the_connection_kept() -> None:
+    async with serve(_upstream_app([])) as up, joulegate(up) as (proxy, _):
+        reader, writer = await _connect(proxy)
+        try:
+            writer.write(b"GET /stream HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = _parse_answer(await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10))
+            body = b""
+            while True:
+                size = int((await reader.readuntil(b"\r\n")).strip(), 16)
+                data = await reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += data[:-2]
+            writer.write(_post())
+            after = await read_one_answer(reader)
+        finally:
+            writer.close()
+    assert head.headers["transfer-encoding"] == b"chunked"
+    assert body == b"one two three"
+    assert after.status == 200
+
+
+async def test_own_paths_are_answered_by_joulegate_and_never_forwarded() -> None:
+    seen: list[str] = []
+    async with serve(_upstream_app(seen)) as up, joulegate(up) as (proxy, _):
+        health = await raw_exchange(proxy, b"GET /joulegate/health HTTP/1.1\r\nHost: x\r\n\r\n")
+        unknown = await raw_exchange(proxy, b"GET /joulegate/nothing HTTP/1.1\r\nHost: x\r\n\r\n")
+        wrong_method = await raw_exchange(
+            proxy, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+        )
+        metrics = await raw_exchange(proxy, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert seen == []
+    assert health.status == 200 and json.loads(health.body)["status"] == "ok"
+    assert health.headers["connection"].lower() == b"close"  # raw_exchange read until close
+    assert unknown.status == 404 and unknown.error()["code"] == "unknown_endpoint"
+    assert wrong_method.status == 404 and wrong_method.error()["code"] == "unknown_endpoint"
+    assert metrics.status == 200 and b"joulegate_requests_total" in metrics.body
+
+
+async def test_a_client_closing_its_connection_while_idle_is_harmless() -> None:
+    """Connections opened and dropped without a request (health checkers, scanners) leave
+    nothing behind, and the next client is served."""
+    async with serve(_upstream_app([])) as up, joulegate(up) as (proxy, _):
+        for _ in range(20):
+            _, writer = await _connect(proxy)
+            writer.close()
+        answer = await raw_exchange(proxy, _post(extra=b"Connection: close\r\n"))
+    assert answer.status == 200

@@ -49,6 +49,7 @@ BENCHMARKS = (
     Benchmark("proxy_overhead.py", ("--seconds", "1")),
     Benchmark("attribution_accuracy.py", ("--seconds", "10")),
     Benchmark("ledger.py", ("--records", "20000", "--rows", "200000")),
+    Benchmark("recording.py", ("--records", "5000", "--rounds", "1")),
     Benchmark("streams_memory.py", ("--seconds", "5", "--prefill", "0")),
     Benchmark("soak.py", ("--seconds", "30", "--warmup", "10", "--prefill", "0")),
     Benchmark("gpu_check.py"),

@@ -538,10 +538,30 @@ def is_sane_request_id(value: str) -> bool:
     return _SANE_REQUEST_ID.fullmatch(value) is not None
 
 
+class _RandomHex:
+    """Random hex digits from the operating system's generator, fetched 4 KiB at a time: one
+    getrandom() call per 400 request ids instead of one each."""
+
+    def __init__(self, batch: int = 4096) -> None:
+        self._batch = batch
+        self._hex = ""
+        self._at = 0
+
+    def take(self, digits: int) -> str:
+        if self._at + digits > len(self._hex):
+            self._hex, self._at = secrets.token_hex(self._batch), 0
+        start = self._at
+        self._at += digits
+        return self._hex[start : self._at]
+
+
+_random_hex = _RandomHex()
+
+
 def new_request_id() -> str:
     """32 hex digits: milliseconds since 1970, then 80 random bits (the UUIDv7 layout).
     Time-ordered ids keep the ledger's index appends local: random ids cost a page each."""
-    return f"{time.time_ns() // 1_000_000:012x}{secrets.token_hex(10)}"
+    return f"{time.time_ns() // 1_000_000:012x}{_random_hex.take(20)}"
 
 
 def _joules(value: float | None) -> str:

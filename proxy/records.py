@@ -82,10 +82,12 @@ class RecordStore:
         self._records: OrderedDict[str, RequestRecord] = OrderedDict()
 
     def add(self, record: RequestRecord) -> None:
-        self._records[record.id] = record
-        self._records.move_to_end(record.id)
-        while len(self._records) > self.capacity:
-            self._records.popitem(last=False)
+        records = self._records
+        if record.id in records:  # a new id goes to the end by itself
+            records.move_to_end(record.id)
+        records[record.id] = record
+        while len(records) > self.capacity:
+            records.popitem(last=False)
 
     def get(self, request_id: str) -> RequestRecord | None:
         return self._records.get(request_id)

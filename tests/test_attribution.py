@@ -359,6 +359,23 @@ def test_span_devices_restrict_attribution() -> None:
     assert att.unattributed["gpu0"] == pytest.approx(100.0)
 
 
+def test_a_request_is_final_only_once_every_device_it_uses_is_settled() -> None:
+    """gpu1's quantised counter lags: a request on every device waits for it, one on gpu0
+    alone does not."""
+    att = Attributor(["gpu0", "gpu1"], update_period=0.1, center_changes=False)
+    att.add_reading(reading(0.0, 0.0, 0.0))
+    att.start(Span("everywhere", 0.01))
+    att.start(Span("gpu0-only", 0.01, devices=frozenset({"gpu0"})))
+    att.end("everywhere", 0.04)
+    att.end("gpu0-only", 0.04)
+    att.add_reading(reading(0.1, 10.0, 0.0))  # gpu0 settled past the ends, gpu1 not moved
+    assert [rec.request_id for rec in att.pop_finished()] == ["gpu0-only"]
+    att.add_reading(reading(0.2, 20.0, 20.0))
+    [rec] = att.pop_finished()
+    assert rec.request_id == "everywhere"
+    assert rec.per_device == {"gpu0": pytest.approx(1.5), "gpu1": pytest.approx(3.0)}
+
+
 def test_late_registration_is_flagged_estimate() -> None:
     att = Attributor(["gpu0"])
     att.add_reading(reading(0.0, 0.0))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import sqlite3
 import threading
@@ -602,3 +603,20 @@ def test_rows_hold_no_text_beyond_labels() -> None:
     """There is no column for a body, a prompt, an answer or a key."""
     assert not {"prompt", "messages", "input", "output", "body", "api_key", "key"} & set(COLUMNS)
     assert len(record_row(make_record(1), "node")) == len(COLUMNS)
+
+
+def test_rows_keep_finite_figures_and_make_nan_and_infinities_unknown() -> None:
+    """Figures are checked on the row's fast path by their sum: one that overflows (each
+    figure finite) must still keep every figure, and a NaN or an infinity becomes NULL."""
+    huge = make_record(1, energy=1e308, carbon_grams=1e308)
+    row = dict(zip(COLUMNS, record_row(huge, "node"), strict=True))
+    assert (row["energy_joules"], row["carbon_grams"]) == (1e308, 1e308)
+    assert row["dynamic_energy_joules"] == 5e307
+    assert record_row(huge.to_json(), "node") == record_row(huge, "node")
+
+    broken = make_record(2, energy=math.nan, carbon_grams=math.inf, duration_seconds=-math.inf)
+    row = dict(zip(COLUMNS, record_row(broken, "node"), strict=True))
+    assert row["energy_joules"] is row["carbon_grams"] is row["duration_seconds"] is None
+    assert row["ended_at"] is None and row["devices"] == '{"gpu0":null,"gpu1":null}'
+    assert (row["started_at"], row["input_tokens"]) == (T0 + 2, 14)
+    assert record_row(broken.to_json(), "node") == record_row(broken, "node")

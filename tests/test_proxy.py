@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import aiohttp
 import pytest
@@ -11,6 +12,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from proxy.forward import new_request_id
 from proxy.server import RECORDER
 from tests.fake_openai import SEEN, create_fake_openai
 from tests.servers import closed_port_url, joulegate, serve, settled
@@ -458,3 +460,13 @@ async def test_request_record_endpoint() -> None:
     assert "secret prompt text" not in json.dumps(record)
     assert missing_status == 404
     assert missing["error"]["code"] == "request_not_found"
+
+
+def test_new_request_ids_are_unique_time_ordered_and_32_hex_digits() -> None:
+    """The UUIDv7 layout: a millisecond clock first (the ledger's index grows at its end),
+    then random digits, drawn in batches, that never repeat across a batch's edge."""
+    ids = [new_request_id() for _ in range(5000)]  # several 4 KiB batches of random digits
+    assert all(re.fullmatch(r"[0-9a-f]{32}", request_id) for request_id in ids)
+    assert len(set(ids)) == len(ids)
+    assert [request_id[:12] for request_id in ids] == sorted(r[:12] for r in ids)
+    assert len({request_id[12:] for request_id in ids}) == len(ids)

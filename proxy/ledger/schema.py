@@ -142,6 +142,7 @@ _POSITION = {name: position for position, name in enumerate(COLUMNS)}
 _REQUIRED_POSITIONS = tuple(_POSITION[name] for name in (*_REQUIRED, "started_at"))
 _STARTED_AT, _DURATION = _POSITION["started_at"], _POSITION["duration_seconds"]
 _reals = itemgetter(*(_POSITION[name] for name in COPIED if name in _REAL_COLUMNS))
+_required = itemgetter(*_REQUIRED_POSITIONS)
 # Copying a RequestRecord's attributes in one C call keeps `append` cheap on the event loop.
 _copy_attributes = attrgetter(*COPIED)
 _FAST = set(COPIED) <= {field.name for field in fields(RequestRecord)}
@@ -155,14 +156,16 @@ def record_row(record: RequestRecord | Mapping[str, Any], instance: str) -> Row:
     (unknown), and a missing column is NULL. This runs on the event loop for every request,
     so a well-typed `RequestRecord` takes a fast path: copied in one call and checked for
     types without a Python loop, a few microseconds in all."""
-    if isinstance(record, Mapping):
+    if type(record) is not RequestRecord and isinstance(record, Mapping):
         copied = _typed(record.get)
         devices = record.get("devices")
     else:
         copied = _copy_attributes(record) if _FAST else _typed(partial(_attribute, record))
+        # The figures are all finite if their sum is; a sum of finite figures that overflows
+        # only sends the record down the typed path, which keeps them as they are.
         if not (
             all(map(frozenset.__contains__, _TYPES, map(type, copied)))
-            and all(value is None or math.isfinite(value) for value in _reals(copied))
+            and math.isfinite(sum(filter(None, _reals(copied))))
         ):
             copied = _typed(dict(zip(COPIED, copied, strict=True)).get)
         devices = getattr(record, "devices", None)
@@ -173,9 +176,10 @@ def record_row(record: RequestRecord | Mapping[str, Any], instance: str) -> Row:
         None if started_at is None or duration is None else started_at + duration,
         _devices_json(devices) if devices else None,
     )
-    for position in _REQUIRED_POSITIONS:
-        if row[position] is None:
-            raise ValueError(f"record without a {COLUMNS[position]}: {row[_ID]!r}")
+    if None in _required(row):
+        for position in _REQUIRED_POSITIONS:
+            if row[position] is None:
+                raise ValueError(f"record without a {COLUMNS[position]}: {row[_ID]!r}")
     return row
 
 
@@ -190,14 +194,11 @@ def _typed(get: Callable[..., Any]) -> tuple[Any, ...]:
 def _devices_json(devices: Mapping[str, Any]) -> str:
     """`{"gpu0": 12.5, "gpu1": null}`: JSON as `json.dumps` writes it, a few times faster
     for these small maps; an unknown or non-finite figure is null."""
-    return (
-        "{"
-        + ",".join(
-            f"{_quote(str(name))}:{'null' if (joules := _real(value)) is None else repr(joules)}"
-            for name, value in devices.items()
-        )
-        + "}"
-    )
+    parts = []
+    for name, value in devices.items():  # a loop, not a generator: a third faster here
+        joules = _real(value)
+        parts.append(f"{_quote(str(name))}:{'null' if joules is None else repr(joules)}")
+    return "{" + ",".join(parts) + "}"
 
 
 def row_id(row: Row) -> str:

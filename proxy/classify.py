@@ -32,11 +32,18 @@ class Classification:
     identified: bool = False  # the tenant came from a known key or the trusted header
 
 
+_MATCHES_KEPT = 1024
+
+
 class RouteTable:
     """First matching route wins; paths outside the table are task `other`."""
 
     def __init__(self, routes: Iterable[Route]) -> None:
         self._routes = [(self._compile(route.path), route.task) for route in routes]
+        # Answers for recent paths: traffic uses a handful of paths, and trying a dozen
+        # patterns in order costs more than the rest of classifying. Paths come from
+        # clients, so the cache is bounded (emptied when full).
+        self._matched: dict[str, tuple[str, str | None]] = {}
 
     @staticmethod
     def _compile(pattern: str) -> re.Pattern[str]:
@@ -53,11 +60,19 @@ class RouteTable:
 
     def match(self, path: str) -> tuple[str, str | None]:
         """The task for `path` and the model named in it, if the route captures one."""
+        known = self._matched.get(path)
+        if known is not None:
+            return known
+        answer: tuple[str, str | None] = ("other", None)
         for regex, task in self._routes:
             found = regex.match(path)
             if found:
-                return task, found.groupdict().get("model")
-        return "other", None
+                answer = task, found.groupdict().get("model")
+                break
+        if len(self._matched) >= _MATCHES_KEPT:
+            self._matched.clear()
+        self._matched[path] = answer
+        return answer
 
 
 def bearer_token(headers: Mapping[str, str]) -> str | None:

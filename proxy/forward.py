@@ -69,16 +69,13 @@ def _forwardable(
     headers: CIMultiDict[str] | CIMultiDictProxy[str], drop: frozenset[str]
 ) -> CIMultiDict[str]:
     """The headers minus hop-by-hop ones, including any the Connection header names."""
-    named_by_connection = {
-        token.strip().lower()
-        for value in headers.getall("Connection", [])
-        for token in value.split(",")
-    }
-    return CIMultiDict(
-        (name, value)
-        for name, value in headers.items()
-        if name.lower() not in drop and name.lower() not in named_by_connection
-    )
+    if "Connection" in headers:
+        drop = drop | {
+            token.strip().lower()
+            for value in headers.getall("Connection")
+            for token in value.split(",")
+        }
+    return CIMultiDict([item for item in headers.items() if item[0].lower() not in drop])
 
 
 def _wants_usage_injection(path: str, classification: Classification) -> bool:

@@ -156,7 +156,11 @@ class ClientConnection(BaseProtocol):
         self.local = ""
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
         self._task: asyncio.Task[None] | None = None
+        # One timer per connection, for the keep-alive and header timeouts: armed when the
+        # connection turns idle (or a head starts) and not already armed, and on firing
+        # checks the deadline of the moment, so a busy connection costs no timer per request.
         self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = front.loop.time()
         self._closing = False
         self._head_started = False  # bytes of a head that is not complete yet
         # The current answer: whether it started, its framing, and whether to close after.
@@ -177,7 +181,7 @@ class ClientConnection(BaseProtocol):
             host = f"[{local[0]}]" if ":" in local[0] else local[0]
             self.local = f"{host}:{local[1]}"
         self.front.connections.add(self)
-        self._arm(self.front.limits.keepalive_timeout, self._idle_too_long)
+        self._watch()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -202,12 +206,12 @@ class ClientConnection(BaseProtocol):
             if len(self._queue) >= _MAX_QUEUED_REQUESTS and not self._buffer_paused:
                 self._pause_reading_for_buffer()  # a client pipelining without waiting
             if self._task is None:
-                self._disarm()
                 self._next()
         elif data and self._task is None and not self._head_started:
             # Bytes that began a head: it must be complete within the header timeout.
             self._head_started = True
-            self._arm(self.front.limits.header_timeout, self._head_too_slow)
+            self._idle_since = self.front.loop.time()
+            self._watch()
 
     def eof_received(self) -> bool:
         return False  # close when the client half-closes
@@ -218,14 +222,17 @@ class ClientConnection(BaseProtocol):
         if self._closing or not self._queue:
             self._task = None
             if not self._closing and self.transport is not None:
-                self._arm(self.front.limits.keepalive_timeout, self._idle_too_long)
+                self._idle_since = self.front.loop.time()
+                self._watch()
             return
         message, payload = self._queue.popleft()
         if self._buffer_paused and len(self._queue) < _MAX_QUEUED_REQUESTS:
             self._resume_reading_for_buffer()
         self._version = (message.version.major, message.version.minor)
         self._started = self._chunked = self._head_only = False
-        self._close_after = message.should_close or self.front.stopping
+        # An upgrade (or CONNECT) leaves the parser reading raw bytes: joulegate does not
+        # switch protocols, so the connection ends with this answer.
+        self._close_after = message.should_close or message.upgrade or self.front.stopping
         self._task = self.front.loop.create_task(self._serve(message, payload))
 
     async def _serve(self, message: RawRequestMessage, payload: StreamReader) -> None:
@@ -408,29 +415,40 @@ class ClientConnection(BaseProtocol):
         else:
             self._close_after = True
 
-    def _arm(self, seconds: float, callback: Callable[[], None]) -> None:
-        self._disarm()
-        self._timer = self.front.loop.call_later(seconds, callback)
+    def _deadline(self) -> float:
+        limits = self.front.limits
+        timeout = limits.header_timeout if self._head_started else limits.keepalive_timeout
+        return self._idle_since + timeout
+
+    def _watch(self) -> None:
+        """Make sure a timer fires by the idle connection's deadline."""
+        deadline = self._deadline()
+        if self._timer is not None:
+            if self._timer.when() <= deadline:
+                return
+            self._timer.cancel()
+        self._timer = self.front.loop.call_at(deadline, self._on_timer)
 
     def _disarm(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _idle_too_long(self) -> None:
+    def _on_timer(self) -> None:
         self._timer = None
-        if self._task is None:
-            self.close()
-
-    def _head_too_slow(self) -> None:
-        self._timer = None
-        if self._task is None and self._head_started:
+        if self._closing or self._task is not None:
+            return  # busy: the timer is armed again when the connection turns idle
+        deadline = self._deadline()
+        if self.front.loop.time() < deadline - 0.001:
+            self._timer = self.front.loop.call_at(deadline, self._on_timer)
+            return
+        if self._head_started:
             log.debug(
                 "closing a connection from %s: no complete request head in %g s",
                 self.peer,
                 self.front.limits.header_timeout,
             )
-            self.close()
+        self.close()
 
     def _refuse_unparseable(self, error: HttpProcessingError) -> None:
         """aiohttp's parser refused the bytes: an OpenAI-format answer, then close (as aiohttp
@@ -528,23 +546,39 @@ class Front:
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
 
-async def relay_to_unix_socket(request: ClientRequest, path: str, max_body: int) -> None:
+async def relay_to_unix_socket(
+    request: ClientRequest, path: str, max_body: int, body_timeout: float
+) -> None:
     """joulegate's own endpoints: the request (its head rebuilt, asking to close after) to its
     aiohttp application on the Unix socket `path`, and the answer's bytes back as they come;
     the client connection closes after it."""
     connection = request.connection
-    if (request.content_length or 0) > max_body:
+    body = bytearray()
+    too_large = (request.content_length or 0) > max_body
+    try:
+        async with asyncio.timeout(body_timeout):
+            # joulegate's own endpoints take no bodies; a chunked one has no length up front
+            while not too_large and (chunk := await request.body.readany()):
+                body += chunk
+                too_large = len(body) > max_body
+    except TimeoutError:
+        connection.send_error(
+            408,
+            f"The request body stopped arriving: nothing came for {body_timeout:g} s.",
+            "invalid_request_error",
+            "client_body_timeout",
+            close=True,
+        )
+        return
+    if too_large:
         connection.send_error(
             413,
-            "Request body is too large.",
+            f"Request body is larger than the limit of {max_body} bytes.",
             "invalid_request_error",
             "request_too_large",
             close=True,
         )
         return
-    body = b""
-    if not request.body.is_eof():
-        body = await request.body.read()  # small: joulegate's own endpoints take no bodies
     lines = [f"{request.method} {request.target} HTTP/1.1"]
     lines.extend(
         f"{name}: {value}"

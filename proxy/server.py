@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -55,6 +56,8 @@ BUDGETS = web.AppKey("budgets", Budgets)
 ACCESS = web.AppKey("access", AccessControl)
 # How often the budget state file is rewritten (when something changed), besides at shutdown.
 BUDGET_STATE_SAVE_SECONDS = 10.0
+# Allocations between two young-generation collections (Python's default: 700).
+GC_THRESHOLD = 10_000
 # How often budgets over a shared (PostgreSQL) ledger re-read the fleet's spending.
 BUDGET_RELOAD_SECONDS = 10.0
 
@@ -439,7 +442,12 @@ async def serving(
         await web.SockSite(runner, listening_unix_socket(socket_path)).start()
         front = Front(
             app[FORWARDER].handle,
-            partial(relay_to_unix_socket, path=socket_path, max_body=config.max_body_bytes),
+            partial(
+                relay_to_unix_socket,
+                path=socket_path,
+                max_body=config.max_body_bytes,
+                body_timeout=config.client_body_timeout_seconds,
+            ),
             front_limits(config),
             asyncio.get_running_loop(),
         )
@@ -487,6 +495,16 @@ def raise_open_files_limit() -> None:
         log.debug("open files limit left as it is: %s", error)
 
 
+async def _settle_garbage_collector(app: web.Application) -> None:
+    """Move what start-up built (modules, configuration, the application) out of the cyclic
+    garbage collector's sight, and let it run less often: each request makes a few hundred
+    short-lived objects, nearly all freed by reference counting, and with the default
+    threshold (700 allocations) collections cost about 5 % of joulegate's CPU under load."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 def run(config: Config) -> None:
     """Serve until SIGINT/SIGTERM; in-flight requests are drained on the way out."""
     raise_open_files_limit()
@@ -516,6 +534,7 @@ def run(config: Config) -> None:
         )
 
     app.on_startup.append(announce)
+    app.on_startup.append(_settle_garbage_collector)
 
     async def serve_until_signalled() -> None:
         # `web.run_app` cannot serve through the front; this is its loop, short.

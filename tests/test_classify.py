@@ -332,3 +332,17 @@ def test_classify_never_raises(path: str, header_items: dict[str, str], body: by
     assert result.model is None or (isinstance(result.model, str) and result.model)
     assert result.body is None or isinstance(result.body, dict)
     assert result.task in {route.task for route in DEFAULT_ROUTES + EXTRA_ROUTES} | {"other"}
+
+
+def test_route_answers_are_remembered_per_path_and_the_memory_stays_bounded() -> None:
+    """Repeated paths answer the same as the first time (from memory), and a client sending
+    ever new paths cannot grow that memory past its bound."""
+    table = RouteTable(DEFAULT_ROUTES)
+    first = table.match("/models/bert-base/infer")
+    assert table.match("/models/bert-base/infer") == first
+    assert table.match("/v1/chat/completions") == ("text-generation", None)
+    assert table.match("/v1/chat/completions") == ("text-generation", None)
+    for number in range(5000):
+        assert table.match(f"/made-up/{number}") == ("other", None)
+    assert len(table._matched) <= 1024
+    assert table.match("/v1/chat/completions") == ("text-generation", None)

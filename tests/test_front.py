@@ -12,6 +12,7 @@ import json
 
 from aiohttp import web
 
+from proxy.front import ClientRequest, Front, Limits
 from tests.servers import joulegate, serve
 from tests.test_bad_input import _connect, _parse_answer, raw_exchange, read_one_answer
 
@@ -154,3 +155,71 @@ async def test_a_client_closing_its_connection_while_idle_is_harmless() -> None:
             writer.close()
         answer = await raw_exchange(proxy, _post(extra=b"Connection: close\r\n"))
     assert answer.status == 200
+
+
+async def _front_answering_ok(limits: Limits) -> tuple[Front, str]:
+    """A bare front whose every request is answered 200 `ok`."""
+
+    async def answer(request: ClientRequest) -> None:
+        await request.body.read()
+        request.connection.send(200, [("Content-Type", "text/plain")], b"ok")
+
+    front = Front(answer, answer, limits, asyncio.get_running_loop())
+    host, port = await front.start("127.0.0.1", 0)
+    return front, f"http://{host}:{port}"
+
+
+async def test_an_idle_connection_closes_after_the_keepalive_timeout_a_busy_one_never() -> None:
+    front, base = await _front_answering_ok(Limits(keepalive_timeout=0.4))
+    try:
+        reader, writer = await _connect(base)
+        # requests 0.15 s apart for 0.9 s: each restarts the idle clock, so it stays open
+        for _ in range(6):
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert (await read_one_answer(reader)).body == b"ok"
+            await asyncio.sleep(0.15)
+        # then idle: closed by the server within the timeout (and a little)
+        assert await asyncio.wait_for(reader.read(), 2.0) == b""
+        writer.close()
+    finally:
+        await front.shutdown(1.0)
+
+
+async def test_a_head_that_never_completes_is_cut_at_the_header_timeout() -> None:
+    front, base = await _front_answering_ok(Limits(header_timeout=0.3, keepalive_timeout=60))
+    try:
+        reader, writer = await _connect(base)
+        writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n")  # no blank line: the head goes on
+        started = asyncio.get_running_loop().time()
+        assert await asyncio.wait_for(reader.read(), 5.0) == b""
+        # the header timeout cut it, not the minute-long keep-alive timeout
+        assert asyncio.get_running_loop().time() - started < 5.0
+        writer.close()
+    finally:
+        await front.shutdown(1.0)
+
+
+async def test_an_upgrade_request_is_answered_and_its_connection_closed() -> None:
+    """joulegate does not switch protocols: the request is forwarded without its hop-by-hop
+    Upgrade, answered, and the connection (whose parser now sees raw bytes) ends."""
+    seen: list[str] = []
+    async with serve(_upstream_app(seen)) as up, joulegate(up) as (proxy, _):
+        answer = await raw_exchange(
+            proxy,
+            b"GET /v1/models HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n",
+        )
+    assert answer.status == 200 and answer.headers["connection"].lower() == b"close"
+    assert seen == ["GET /v1/models"]
+
+
+async def test_a_chunked_body_to_an_own_path_is_bounded_too() -> None:
+    async with serve(_upstream_app([])) as up, joulegate(up, max_body_bytes=1000) as (proxy, _):
+        chunk = b"x" * 600
+        answer = await raw_exchange(
+            proxy,
+            b"POST /joulegate/health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (b"%x\r\n%s\r\n" % (len(chunk), chunk)) * 2
+            + b"0\r\n\r\n",
+        )
+    assert answer.status == 413 and answer.error()["code"] == "request_too_large"

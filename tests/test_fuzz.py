@@ -21,6 +21,7 @@ from proxy.forward import _read_usage
 from proxy.records import RequestRecord
 from proxy.tasks import TASKS
 from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
+from tests.test_records import record as a_record
 
 FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -157,13 +158,9 @@ def test_json_usage_of_any_document(document: Any) -> None:
 
 
 def _record() -> RequestRecord:
-    return RequestRecord(
-        id="fuzz",
+    return a_record(
+        "fuzz",
         task="image-generation",
-        model=None,
-        tenant="anonymous",
-        streaming=False,
-        method="POST",
         path="/v1/images/generations",
         upstream="http://127.0.0.1:1",
         started_at=0.0,

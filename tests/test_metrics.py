@@ -19,7 +19,8 @@ from proxy.metrics import (
     LabelledHistogram,
     Metrics,
 )
-from proxy.records import STATUS_OK, RequestRecord
+from proxy.records import STATUS_OK
+from tests.test_records import record as a_record
 
 LABEL_VALUES = st.tuples(
     st.sampled_from(["text-generation", "embeddings"]), st.sampled_from(["a", 'q"\\\n'])
@@ -90,18 +91,7 @@ def test_a_labelled_histogram_exports_what_a_prometheus_histogram_would(
 
 def test_request_metrics_come_out_in_their_order_with_series_only_once_observed() -> None:
     metrics = Metrics(LabelGuard(["team-a"], [], max_models=5))
-    record = RequestRecord(
-        id="r1",
-        task="text-generation",
-        model="tiny",
-        tenant="team-a",
-        streaming=False,
-        method="POST",
-        path="/v1/chat/completions",
-        upstream="http://127.0.0.1:8000",
-        started_at=1_700_000_000.0,
-        start=10.0,
-    )
+    record = a_record("r1", model="tiny", tenant="team-a")
     record.finish(10.5, STATUS_OK, 200)
     record.output_tokens = 8
     record.meter = "nvml"

@@ -2,22 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from proxy.records import RecordStore, RequestRecord
 
 
-def record(request_id: str) -> RequestRecord:
-    return RequestRecord(
-        id=request_id,
-        task="text-generation",
-        model=None,
-        tenant="anonymous",
-        streaming=False,
-        method="POST",
-        path="/v1/chat/completions",
-        upstream="http://127.0.0.1:8000",
-        started_at=1_700_000_000.0,
-        start=10.0,
-    )
+def record(request_id: str, **fields: Any) -> RequestRecord:
+    """A record as the forwarder starts one; `fields` replace its defaults."""
+    defaults: dict[str, Any] = {
+        "task": "text-generation",
+        "model": None,
+        "tenant": "anonymous",
+        "streaming": False,
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "upstream": "http://127.0.0.1:8000",
+        "started_at": 1_700_000_000.0,
+        "start": 10.0,
+    }
+    return RequestRecord(id=request_id, **(defaults | fields))
 
 
 def test_the_store_keeps_the_newest_and_a_repeated_id_counts_as_newest() -> None:

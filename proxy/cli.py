@@ -99,6 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=config.log_level.upper(),
             format="%(asctime)s %(levelname)s %(name)s %(message)s",
         )
+        from proxy.front import ListenError
         from proxy.server import run
 
         try:
@@ -106,6 +107,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as error:  # found only once the meter is open (e.g. `devices`)
             print(f"joulegate: configuration error: {error}", file=sys.stderr)
             return 2
+        except ListenError as error:
+            print(f"joulegate: {error}", file=sys.stderr)
+            return 1
     return 0
 
 

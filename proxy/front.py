@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import email.utils
 import logging
+import os
 import socket
 import time
 from collections import deque
@@ -57,6 +58,10 @@ _TOO_MANY_HEADERS = "Too many headers received"
 _NO_BODY_STATUSES = frozenset({204, 304})
 # Pipelined requests parsed ahead of the one being answered; past this, reading pauses.
 _MAX_QUEUED_REQUESTS = 16
+
+
+class ListenError(Exception):
+    """The address to serve on cannot be had."""
 
 
 @dataclass(frozen=True)
@@ -520,9 +525,13 @@ class Front:
             await self.forward(request)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
-        self._server = await self.loop.create_server(
-            lambda: ClientConnection(self), host, port, backlog=1024
-        )
+        try:
+            self._server = await self.loop.create_server(
+                lambda: ClientConnection(self), host, port, backlog=1024
+            )
+        except OSError as error:  # in use, not this host's address, a privileged port
+            reason = os.strerror(error.errno) if error.errno else str(error)
+            raise ListenError(f"cannot listen on {host}:{port}: {reason.lower()}") from None
         address = self._server.sockets[0].getsockname()
         return address[0], address[1]
 

@@ -516,9 +516,11 @@ def run(config: Config) -> None:
         loop = asyncio.new_event_loop()
     app = create_app(config)
 
-    async def announce(app: web.Application) -> None:
+    def announce(bound: str) -> None:
+        """The banner, once joulegate listens (so it names the port it really has)."""
+        port = bound.rsplit(":", 1)[1]
         host = "127.0.0.1" if config.listen_host in ("0.0.0.0", "::") else config.listen_host
-        base = f"http://{host}:{config.listen_port}"
+        base = f"http://{host}:{port}"
         meter = app[SAMPLER].meter if SAMPLER in app else None
         print(
             f"joulegate {__version__} listening on {base}, forwarding to {config.upstream}\n"
@@ -533,7 +535,6 @@ def run(config: Config) -> None:
             flush=True,
         )
 
-    app.on_startup.append(announce)
     app.on_startup.append(_settle_garbage_collector)
 
     async def serve_until_signalled() -> None:
@@ -541,7 +542,8 @@ def run(config: Config) -> None:
         stop = asyncio.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        async with serving(app, config.listen_host, config.listen_port):
+        async with serving(app, config.listen_host, config.listen_port) as bound:
+            announce(bound)
             await stop.wait()
 
     asyncio.set_event_loop(loop)

@@ -9,11 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import socket
+import subprocess
+from pathlib import Path
 
 from aiohttp import web
 
+from benchmarks.harness import start_joulegate, stop, wait_listening
 from proxy.front import ClientRequest, Front, Limits
-from tests.servers import joulegate, serve
+from tests.servers import free_port, joulegate, serve
 from tests.test_bad_input import _connect, _parse_answer, raw_exchange, read_one_answer
 
 BODY = json.dumps({"model": "m", "input": "x"}).encode()
@@ -223,3 +228,33 @@ async def test_a_chunked_body_to_an_own_path_is_bounded_too() -> None:
             + b"0\r\n\r\n",
         )
     assert answer.status == 413 and answer.error()["code"] == "request_too_large"
+
+
+def test_serve_on_an_address_in_use_says_so_in_one_line_and_never_claims_to_listen(
+    tmp_path: Path,
+) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        process = start_joulegate(
+            free_port(), port, tmp_path, {"ledger": "off"}, stderr=subprocess.PIPE
+        )
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    text = stderr.decode()
+    assert f"joulegate: cannot listen on 127.0.0.1:{port}: address already in use" in text
+    assert "Traceback" not in text and "listening on" not in text
+
+
+def test_serve_announces_the_port_it_really_listens_on(tmp_path: Path) -> None:
+    """`--listen 127.0.0.1:0` takes a free port; the banner names it, and it answers."""
+    process = start_joulegate(free_port(), 0, tmp_path, {"ledger": "off"}, stderr=subprocess.PIPE)
+    try:
+        assert process.stderr is not None
+        first = process.stderr.readline().decode()
+        found = re.search(r"listening on http://127\.0\.0\.1:(\d+),", first)
+        assert found and int(found[1]) != 0, first
+        wait_listening(int(found[1]), process=process)
+    finally:
+        stop(process)

@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.budgets import Admission, Budgets, degrade_body
 from proxy.classify import KEY_HEADERS, Classification, Classifier
 from proxy.config import Config
-from proxy.front import ClientRequest
+from proxy.front import ClientRequest, InvalidBody
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.upstream import (
@@ -37,6 +37,17 @@ from proxy.weights import POLICIES
 
 log = logging.getLogger("joulegate")
 
+
+@dataclasses.dataclass(frozen=True)
+class _Refusal:
+    """Why a request body was not read whole: the answer, and the record's reason."""
+
+    status: int
+    message: str
+    code: str
+    reason: str
+
+
 REQUEST_ID_HEADER = "X-Request-Id"
 # `X-Joulegate-Energy: inline` asks for the request's energy in its answer: a header on a
 # whole answer, a last `joulegate.energy` event on an SSE stream. It costs up to one sampling
@@ -45,9 +56,6 @@ INLINE_ENERGY_HEADER = "X-Joulegate-Energy"
 ENERGY_HEADER = "X-Energy-Joules"
 _INLINE_ENERGY_WAIT_SECONDS = 5.0
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
-# Why a request body was not read whole (also the record's reason).
-_BODY_TOO_LARGE = "request body too large"
-_BODY_TIMED_OUT = "client body timeout"
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization"}
@@ -238,14 +246,21 @@ class Forwarder:
                 record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
             self.recorder.ended(record)
 
-    async def _read_body(self, request: ClientRequest) -> tuple[bytes, str | None]:
-        """The whole request body, or why it is refused: larger than `max_body_bytes`, or the
-        client paused longer than `client_body_timeout_seconds` between two reads (nginx's
-        client_body_timeout). Bytes already received are taken without a timer: only a read
-        that has to wait arms one, so a body that came with its head costs nothing more."""
+    async def _read_body(self, request: ClientRequest) -> tuple[bytes, _Refusal | None]:
+        """The whole request body, or why it is refused: larger than `max_body_bytes`, its
+        framing broken (a bad chunk), or the client paused longer than
+        `client_body_timeout_seconds` between two reads (nginx's client_body_timeout). Bytes
+        already received are taken without a timer: only a read that has to wait arms one,
+        so a body that came with its head costs nothing more."""
         limit = self.config.max_body_bytes
+        too_large = _Refusal(
+            413,
+            f"Request body is larger than the limit of {limit} bytes.",
+            "request_too_large",
+            "request body too large",
+        )
         if (request.content_length or 0) > limit:
-            return b"", _BODY_TOO_LARGE
+            return b"", too_large
         content = request.body
         if content.is_eof() and not content.total_bytes:
             return b"", None  # no body at all (GET): nothing to wait for
@@ -253,53 +268,47 @@ class Forwarder:
             request.connection.send_continue()
         chunks: list[bytes] = []
         size = 0
-        while True:
-            chunk = content.read_nowait()
-            if not chunk:
-                if content.at_eof():
-                    break
-                try:
+        try:
+            while True:
+                chunk = content.read_nowait()
+                if not chunk:
+                    if content.at_eof():
+                        break
                     async with asyncio.timeout(self.config.client_body_timeout_seconds):
                         chunk = await content.readany()
-                except TimeoutError:
-                    return b"", _BODY_TIMED_OUT
-                if not chunk:
-                    break
-            size += len(chunk)
-            if size > limit:  # a chunked body has no length to check up front
-                return b"", _BODY_TOO_LARGE
-            chunks.append(chunk)
+                    if not chunk:
+                        break
+                size += len(chunk)
+                if size > limit:  # a chunked body has no length to check up front
+                    return b"", too_large
+                chunks.append(chunk)
+        except TimeoutError:
+            timeout = self.config.client_body_timeout_seconds
+            message = f"The request body stopped arriving: nothing came for {timeout:g} s."
+            return b"", _Refusal(408, message, "client_body_timeout", "client body timeout")
+        except InvalidBody as error:
+            return b"", _Refusal(400, str(error), "invalid_http_request", "invalid request body")
         return b"".join(chunks), None
 
     def _refuse_body(
         self,
         request: ClientRequest,
         record: RequestRecord,
-        refusal: str,
+        refusal: _Refusal,
         id_header: dict[str, str],
     ) -> None:
-        """413 for a body over the limit; 408 for a client too slow to send it. The connection
-        is closed after either: the rest of the body is not read (reading on would give a
-        slowloris what it wants), so where the next request starts is unknown."""
-        if refusal == _BODY_TOO_LARGE:
-            message = (
-                f"Request body is larger than the limit of {self.config.max_body_bytes} bytes."
-            )
-            status, code = 413, "request_too_large"
-        else:
-            message = (
-                "The request body stopped arriving: nothing came for"
-                f" {self.config.client_body_timeout_seconds:g} s."
-            )
-            status, code = 408, "client_body_timeout"
+        """413 for a body over the limit, 400 for broken framing, 408 for a client too slow to
+        send it. The connection is closed after any: the rest of the body is not read
+        (reading on would give a slowloris what it wants), so where the next request starts
+        is unknown."""
         self._failed(
             request,
             record,
-            refusal,
-            status,
-            message,
+            refusal.reason,
+            refusal.status,
+            refusal.message,
             "invalid_request_error",
-            code,
+            refusal.code,
             id_header,
             close=True,
         )

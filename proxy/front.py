@@ -60,6 +60,11 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 _MAX_QUEUED_REQUESTS = 16
 
 
+class InvalidBody(Exception):
+    """A request body whose framing broke off (a bad chunk): its message says how, for the
+    client."""
+
+
 class ListenError(Exception):
     """The address to serve on cannot be had."""
 
@@ -161,6 +166,7 @@ class ClientConnection(BaseProtocol):
         self.local = ""
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
         self._task: asyncio.Task[None] | None = None
+        self._payload: StreamReader | None = None  # the body of the request being answered
         # One timer per connection, for the keep-alive and header timeouts: armed when the
         # connection turns idle (or a head starts) and not already armed, and on firing
         # checks the deadline of the moment, so a busy connection costs no timer per request.
@@ -231,6 +237,7 @@ class ClientConnection(BaseProtocol):
                 self._watch()
             return
         message, payload = self._queue.popleft()
+        self._payload = payload
         if self._buffer_paused and len(self._queue) < _MAX_QUEUED_REQUESTS:
             self._resume_reading_for_buffer()
         self._version = (message.version.major, message.version.minor)
@@ -464,7 +471,11 @@ class ClientConnection(BaseProtocol):
         self._queue.clear()
         self._closing = True
         if self._task is not None:
-            return  # an answer is being written: nothing can follow it
+            # The body being read broke off: its reader learns why at once (and the answer
+            # says so) rather than waiting out the body timeout.
+            if self._payload is not None and not self._payload.is_eof():
+                self._payload.set_exception(InvalidBody(text))
+            return  # any answer goes out before the connection closes
         self._close_after = True
         self.send_error(status, text, "invalid_request_error", code, close=True)
         self.close()

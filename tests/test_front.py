@@ -18,7 +18,8 @@ from aiohttp import web
 
 from benchmarks.harness import start_joulegate, stop, wait_listening
 from proxy.front import ClientRequest, Front, Limits
-from tests.servers import free_port, joulegate, serve
+from proxy.server import RECORDER
+from tests.servers import free_port, joulegate, serve, settled
 from tests.test_bad_input import _connect, _parse_answer, raw_exchange, read_one_answer
 
 BODY = json.dumps({"model": "m", "input": "x"}).encode()
@@ -258,3 +259,28 @@ def test_serve_announces_the_port_it_really_listens_on(tmp_path: Path) -> None:
         wait_listening(int(found[1]), process=process)
     finally:
         stop(process)
+
+
+async def test_a_chunk_that_breaks_mid_body_is_refused_at_once_and_recorded() -> None:
+    """The head came, then a broken chunk: 400 now, not after the body timeout."""
+    async with (
+        serve(_upstream_app([])) as up,
+        joulegate(up, client_body_timeout_seconds=30) as (proxy, app),
+    ):
+        reader, writer = await _connect(proxy)
+        try:
+            writer.write(
+                b"POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                b'Content-Type: application/json\r\n\r\n5\r\n{"a":\r\n'
+            )
+            await writer.drain()
+            await asyncio.sleep(0.2)  # the request is being served, its body half read
+            writer.write(b"zz\r\nnot hex\r\n")
+            answer = _parse_answer(await asyncio.wait_for(reader.read(), 5))
+        finally:
+            writer.close()
+        await settled(app)
+        record = app[RECORDER].store.get(answer.headers["x-request-id"].decode())
+    assert answer.status == 400 and answer.error()["code"] == "invalid_http_request"
+    assert "chunk" in answer.error()["message"]
+    assert record is not None and (record.status, record.code) == ("error", 400)

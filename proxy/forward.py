@@ -21,7 +21,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from proxy.budgets import Admission, Budgets, degrade_body
 from proxy.classify import KEY_HEADERS, Classification, Classifier
 from proxy.config import Config
-from proxy.front import ClientRequest, InvalidBody
+from proxy.front import BodyRefused, ClientRequest, read_body
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.upstream import (
@@ -36,16 +36,6 @@ from proxy.usage import SSEUsageReader, Usage, image_count, usage_from_json
 from proxy.weights import POLICIES
 
 log = logging.getLogger("joulegate")
-
-
-@dataclasses.dataclass(frozen=True)
-class _Refusal:
-    """Why a request body was not read whole: the answer, and the record's reason."""
-
-    status: int
-    message: str
-    code: str
-    reason: str
 
 
 REQUEST_ID_HEADER = "X-Request-Id"
@@ -246,55 +236,21 @@ class Forwarder:
                 record.finish(time.monotonic(), STATUS_ERROR, record.code or 500, "proxy error")
             self.recorder.ended(record)
 
-    async def _read_body(self, request: ClientRequest) -> tuple[bytes, _Refusal | None]:
-        """The whole request body, or why it is refused: larger than `max_body_bytes`, its
-        framing broken (a bad chunk), or the client paused longer than
-        `client_body_timeout_seconds` between two reads (nginx's client_body_timeout). Bytes
-        already received are taken without a timer: only a read that has to wait arms one,
-        so a body that came with its head costs nothing more."""
-        limit = self.config.max_body_bytes
-        too_large = _Refusal(
-            413,
-            f"Request body is larger than the limit of {limit} bytes.",
-            "request_too_large",
-            "request body too large",
-        )
-        if (request.content_length or 0) > limit:
-            return b"", too_large
-        content = request.body
-        if content.is_eof() and not content.total_bytes:
-            return b"", None  # no body at all (GET): nothing to wait for
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            request.connection.send_continue()
-        chunks: list[bytes] = []
-        size = 0
+    async def _read_body(self, request: ClientRequest) -> tuple[bytes, BodyRefused | None]:
+        """The whole request body (see `read_body`), or why it is refused."""
         try:
-            while True:
-                chunk = content.read_nowait()
-                if not chunk:
-                    if content.at_eof():
-                        break
-                    async with asyncio.timeout(self.config.client_body_timeout_seconds):
-                        chunk = await content.readany()
-                    if not chunk:
-                        break
-                size += len(chunk)
-                if size > limit:  # a chunked body has no length to check up front
-                    return b"", too_large
-                chunks.append(chunk)
-        except TimeoutError:
-            timeout = self.config.client_body_timeout_seconds
-            message = f"The request body stopped arriving: nothing came for {timeout:g} s."
-            return b"", _Refusal(408, message, "client_body_timeout", "client body timeout")
-        except InvalidBody as error:
-            return b"", _Refusal(400, str(error), "invalid_http_request", "invalid request body")
-        return b"".join(chunks), None
+            body = await read_body(
+                request, self.config.max_body_bytes, self.config.client_body_timeout_seconds
+            )
+        except BodyRefused as refusal:
+            return b"", refusal
+        return body, None
 
     def _refuse_body(
         self,
         request: ClientRequest,
         record: RequestRecord,
-        refusal: _Refusal,
+        refusal: BodyRefused,
         id_header: dict[str, str],
     ) -> None:
         """413 for a body over the limit, 400 for broken framing, 408 for a client too slow to

@@ -65,6 +65,59 @@ class InvalidBody(Exception):
     client."""
 
 
+class BodyRefused(Exception):
+    """Why a request body was not read whole: the answer to give, and the record's reason."""
+
+    def __init__(self, status: int, message: str, code: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.reason = reason
+
+
+async def read_body(request: ClientRequest, limit: int, timeout: float) -> bytes:
+    """The whole request body; `BodyRefused` when it is larger than `limit` bytes, its
+    framing broke (a bad chunk), or the client paused longer than `timeout` seconds between
+    two reads (nginx's client_body_timeout). Bytes already received are taken without a
+    timer: only a read that has to wait arms one, so a body that came with its head costs
+    nothing more. A client waiting for `100 Continue` gets it first."""
+    if (request.content_length or 0) > limit:
+        raise _too_large(limit)
+    content = request.body
+    if content.is_eof() and not content.total_bytes:
+        return b""  # no body at all (GET): nothing to wait for
+    if request.headers.get("Expect", "").lower() == "100-continue":
+        request.connection.send_continue()
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            chunk = content.read_nowait()
+            if not chunk:
+                if content.at_eof():
+                    break
+                async with asyncio.timeout(timeout):
+                    chunk = await content.readany()
+                if not chunk:
+                    break
+            size += len(chunk)
+            if size > limit:  # a chunked body has no length to check up front
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except TimeoutError:
+        message = f"The request body stopped arriving: nothing came for {timeout:g} s."
+        raise BodyRefused(408, message, "client_body_timeout", "client body timeout") from None
+    except InvalidBody as error:
+        raise BodyRefused(400, str(error), "invalid_http_request", "invalid request body") from None
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> BodyRefused:
+    message = f"Request body is larger than the limit of {limit} bytes."
+    return BodyRefused(413, message, "request_too_large", "request body too large")
+
+
 class ListenError(Exception):
     """The address to serve on cannot be had."""
 
@@ -122,6 +175,11 @@ class ClientRequest:
     @property
     def scheme(self) -> str:
         return "http"
+
+
+def _bodiless(status: int) -> bool:
+    """Whether an answer with this status never has a body (RFC 9110: 1xx, 204, 304)."""
+    return status in _NO_BODY_STATUSES or 100 <= status < 200
 
 
 def _reason(status: int) -> str:
@@ -283,20 +341,17 @@ class ClientConnection(BaseProtocol):
         body: bytes = b"",
         *,
         reason: str | None = None,
-        head_only: bool = False,
         close: bool = False,
     ) -> None:
         """A whole answer in one write."""
         if close:
             self._close_after = True
-        length = None if status in _NO_BODY_STATUSES or 100 <= status < 200 else len(body)
-        head = self._head(status, reason, headers, length)
+        if _bodiless(status):
+            body = b""
+        head = self._head(status, reason, headers, len(body))
         if self.transport is None or self.transport.is_closing():
             return
-        if head_only or length is None:
-            self.transport.write(head)
-        else:
-            self.transport.write(head + body)
+        self.transport.write(head + body)
         self._started = True
 
     def send_error(
@@ -313,7 +368,7 @@ class ClientConnection(BaseProtocol):
         """joulegate's own answer, in the OpenAI error format."""
         fields = [("Content-Type", "application/json; charset=utf-8"), *(headers or {}).items()]
         body = error_body(message, error_type, code, param)
-        self.send(status, fields, body, head_only=False, close=close)
+        self.send(status, fields, body, close=close)
 
     def send_continue(self) -> None:
         """`100 Continue` to a client that waits for it before sending its body."""
@@ -331,11 +386,9 @@ class ClientConnection(BaseProtocol):
     ) -> None:
         """An answer's head; its body follows through `write` and `end`. Without a length
         it is chunked (to HTTP/1.0 clients: until the connection closes)."""
-        self._head_only = head_only
-        if status in _NO_BODY_STATUSES or 100 <= status < 200:
-            length = 0 if not head_only else length
-        self._chunked = length is None and self.version11 and not head_only
-        if length is None and not self._chunked:
+        self._head_only = head_only or _bodiless(status)
+        self._chunked = length is None and self.version11 and not self._head_only
+        if length is None and not self._chunked and not self._head_only:
             self._close_after = True
         head = self._head(status, reason, headers, length)
         self._started = True
@@ -401,7 +454,7 @@ class ClientConnection(BaseProtocol):
         lines.append(f"Date: {_date()}")
         lines.append(f"Server: {SERVER}")
         if length is not None:
-            if not (status in _NO_BODY_STATUSES or 100 <= status < 200):
+            if not _bodiless(status):
                 lines.append(f"Content-Length: {length}")
         elif self._chunked:
             lines.append("Transfer-Encoding: chunked")
@@ -476,7 +529,6 @@ class ClientConnection(BaseProtocol):
             if self._payload is not None and not self._payload.is_eof():
                 self._payload.set_exception(InvalidBody(text))
             return  # any answer goes out before the connection closes
-        self._close_after = True
         self.send_error(status, text, "invalid_request_error", code, close=True)
         self.close()
 
@@ -573,30 +625,11 @@ async def relay_to_unix_socket(
     aiohttp application on the Unix socket `path`, and the answer's bytes back as they come;
     the client connection closes after it."""
     connection = request.connection
-    body = bytearray()
-    too_large = (request.content_length or 0) > max_body
     try:
-        async with asyncio.timeout(body_timeout):
-            # joulegate's own endpoints take no bodies; a chunked one has no length up front
-            while not too_large and (chunk := await request.body.readany()):
-                body += chunk
-                too_large = len(body) > max_body
-    except TimeoutError:
+        body = await read_body(request, max_body, body_timeout)
+    except BodyRefused as refusal:
         connection.send_error(
-            408,
-            f"The request body stopped arriving: nothing came for {body_timeout:g} s.",
-            "invalid_request_error",
-            "client_body_timeout",
-            close=True,
-        )
-        return
-    if too_large:
-        connection.send_error(
-            413,
-            f"Request body is larger than the limit of {max_body} bytes.",
-            "invalid_request_error",
-            "request_too_large",
-            close=True,
+            refusal.status, refusal.message, "invalid_request_error", refusal.code, close=True
         )
         return
     lines = [f"{request.method} {request.target} HTTP/1.1"]

@@ -50,7 +50,8 @@ MAX_REQUEST_LINE_BYTES = 8190
 KEEPALIVE_TIMEOUT_SECONDS = 75.0
 # Paths joulegate answers itself (through its aiohttp application); everything else is
 # forwarded.
-OWN_PATHS = ("/metrics", "/joulegate/")
+METRICS_PATH = "/metrics"
+OWN_PREFIX = "/joulegate/"
 SERVER = f"joulegate/{__version__}"
 _READ_BUFFER = 2**16
 # aiohttp's text for the header-count limit, the same in its C and Python parsers.
@@ -581,8 +582,8 @@ class Front:
         self._server: asyncio.AbstractServer | None = None
 
     async def handle(self, request: ClientRequest) -> None:
-        path = request.target
-        if path == "/metrics" or path.startswith(OWN_PATHS) or path.startswith("/metrics?"):
+        path = request.target.partition("?")[0]
+        if path == METRICS_PATH or path.startswith(OWN_PREFIX):
             await self.own(request)
         else:
             await self.forward(request)

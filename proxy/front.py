@@ -77,6 +77,20 @@ class BodyRefused(Exception):
         self.reason = reason
 
 
+def received_body(request: ClientRequest, limit: int) -> bytes | None:
+    """The whole request body when it all came with the head (the usual small request) and
+    is within `limit`: taken at once, with no coroutine to run. None when `read_body` must
+    wait for it, answer `Expect: 100-continue`, or refuse it."""
+    content = request.body
+    if not content.is_eof() or content.exception() is not None:
+        return None
+    if (request.content_length or 0) > limit or content.total_bytes > limit:
+        return None
+    if "Expect" in request.headers:
+        return None
+    return content.read_nowait()
+
+
 async def read_body(request: ClientRequest, limit: int, timeout: float) -> bytes:
     """The whole request body; `BodyRefused` when it is larger than `limit` bytes, its
     framing broke (a bad chunk), or the client paused longer than `timeout` seconds between
@@ -106,6 +120,8 @@ async def read_body(request: ClientRequest, limit: int, timeout: float) -> bytes
             if size > limit:  # a chunked body has no length to check up front
                 raise _too_large(limit)
             chunks.append(chunk)
+            if content.at_eof():
+                break
     except TimeoutError:
         message = f"The request body stopped arriving: nothing came for {timeout:g} s."
         raise BodyRefused(408, message, "client_body_timeout", "client body timeout") from None
@@ -262,6 +278,13 @@ class ClientConnection(BaseProtocol):
             self._task.cancel()  # the client left: its upstream request stops too
         self._queue.clear()
 
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        """aiohttp's body reader calls this whenever a body is read below its low-water mark,
+        and BaseProtocol's answer feeds the parser an empty buffer: a wasted parse per
+        request. Only reading that flow control paused has anything to resume."""
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
     def data_received(self, data: bytes) -> None:
         if self._closing:
             return
@@ -309,7 +332,7 @@ class ClientConnection(BaseProtocol):
     async def _serve(self, message: RawRequestMessage, payload: StreamReader) -> None:
         request = ClientRequest(message, payload, self)
         try:
-            await self.front.handle(request)
+            await self.front.handler(request)(request)
         except asyncio.CancelledError:
             self._closing = True
             raise
@@ -581,12 +604,12 @@ class Front:
         self.stopping = False
         self._server: asyncio.AbstractServer | None = None
 
-    async def handle(self, request: ClientRequest) -> None:
+    def handler(self, request: ClientRequest) -> Callable[[ClientRequest], Awaitable[None]]:
+        """Who answers `request`: joulegate's own application, or the forwarder."""
         path = request.target.partition("?")[0]
         if path == METRICS_PATH or path.startswith(OWN_PREFIX):
-            await self.own(request)
-        else:
-            await self.forward(request)
+            return self.own
+        return self.forward
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         try:

@@ -283,6 +283,34 @@ def test_parse_json_object() -> None:
     assert parse_json_object(b"{") is None
 
 
+def _json_loads_object(body: bytes) -> object:
+    """What parse_json_object must give: json.loads, for a body that starts like an object."""
+    if not body or body.lstrip()[:1] != b"{":
+        return None
+    try:
+        parsed = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return parsed if isinstance(parsed, dict) else None
+
+
+_JSON_TEXTS = st.builds(
+    lambda value, before, after, encoding: (before + json.dumps(value) + after).encode(
+        encoding, "surrogatepass"
+    ),
+    st.dictionaries(st.text(max_size=8), st.integers() | st.text(max_size=8), max_size=3),
+    st.sampled_from(["", " ", "\n\t", "\x0b", "\x0c", "\ufeff"]),
+    st.sampled_from(["", " ", "\r\n", "x", "{}", "\x0c"]),
+    st.sampled_from(["utf-8", "utf-16-le", "utf-32-be"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(_JSON_TEXTS, st.binary(max_size=40).map(lambda raw: b"{" + raw)))
+def test_parse_json_object_reads_what_json_loads_reads(body: bytes) -> None:
+    assert repr(parse_json_object(body)) == repr(_json_loads_object(body))
+
+
 # ---- fuzz: classify never raises ----
 
 # Header values as aiohttp produces them: any bytes, decoded as UTF-8 with surrogateescape.

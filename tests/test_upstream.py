@@ -11,7 +11,6 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
-from multidict import CIMultiDict
 
 from proxy.upstream import (
     UpstreamClosed,
@@ -19,6 +18,7 @@ from proxy.upstream import (
     UpstreamProtocolError,
     UpstreamRefused,
     UpstreamTimeout,
+    _Slots,
 )
 from tests.servers import closed_port_url
 
@@ -69,9 +69,7 @@ async def test_request_bytes_and_a_content_length_answer() -> None:
 
     async with scripted(script) as (url, _):
         upstream = pool(url + "/base/")
-        response = await upstream.request(
-            "POST", "/v1/x?q=%2F", CIMultiDict([("X-Test", "yes")]), b"body!"
-        )
+        response = await upstream.request("POST", "/v1/x?q=%2F", [("X-Test", "yes")], b"body!")
         assert (response.status, response.reason) == (201, "Made It")
         assert response.headers.getall("X-A") == ["1", "2"]
         assert await response.read() == b"hello"
@@ -99,7 +97,7 @@ async def test_request_heads_exactly_as_sent() -> None:
         upstream = pool(url)
         raw = b"caf\xe9".decode("utf-8", "surrogateescape")
         for method in ("GET", "POST"):
-            response = await upstream.request(method, "/p?q=1", CIMultiDict([("X-Raw", raw)]), b"")
+            response = await upstream.request(method, "/p?q=1", [("X-Raw", raw)], b"")
             await response.read()
             response.release()
         await upstream.close()
@@ -125,7 +123,7 @@ async def test_keep_alive_reuses_one_connection() -> None:
     async with scripted(script) as (url, _):
         upstream = pool(url)
         for _ in range(5):
-            response = await upstream.request("GET", "/", CIMultiDict(), b"")
+            response = await upstream.request("GET", "/", [], b"")
             assert await response.read() == b"ok"
             response.release()
         await upstream.close()
@@ -148,14 +146,14 @@ async def test_chunked_with_extensions_and_trailers_arrives_piece_by_piece() -> 
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         assert response.content_length is None
         pieces = response.iter_chunks()
         assert await anext(pieces) == b"first"  # before the server sends the rest
         second.set()
         assert [piece async for piece in pieces] == [b"second"]
         response.release()
-        again = await upstream.request("GET", "/", CIMultiDict(), b"")
+        again = await upstream.request("GET", "/", [], b"")
         assert again.status == 200 and await again.read() == b""
         again.release()
         await upstream.close()
@@ -175,10 +173,10 @@ async def test_interim_answers_are_skipped_and_no_body_statuses_have_none() -> N
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("DELETE", "/", CIMultiDict(), b"")
+        response = await upstream.request("DELETE", "/", [], b"")
         assert response.status == 204 and await response.read() == b""
         response.release()
-        head = await upstream.request("HEAD", "/", CIMultiDict(), b"")
+        head = await upstream.request("HEAD", "/", [], b"")
         assert head.content_length == 123 and await head.read() == b""
         head.release()
         await upstream.close()
@@ -192,7 +190,7 @@ async def test_body_until_close_and_connection_close() -> None:
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         assert await response.read() == b"until the end"
         response.release()
         assert upstream._idle == []  # not reusable: its end was the connection's end
@@ -213,7 +211,7 @@ async def test_a_stale_kept_alive_connection_is_retried_once() -> None:
     async with scripted(script) as (url, _):
         upstream = pool(url)
         for _ in range(2):
-            response = await upstream.request("POST", "/", CIMultiDict(), b"x")
+            response = await upstream.request("POST", "/", [], b"x")
             assert await response.read() == b"ok"
             response.release()
             await asyncio.sleep(0.05)
@@ -244,7 +242,7 @@ async def test_a_kept_alive_connection_closed_as_the_request_arrives_is_retried(
         upstream = pool(url)
         seen = []
         for _ in range(2):
-            response = await upstream.request("POST", "/", CIMultiDict(), body)
+            response = await upstream.request("POST", "/", [], body)
             assert await response.read() == b"ok"
             seen.append(response.headers["X-Connection"])
             response.release()
@@ -280,7 +278,7 @@ async def test_garbage_answers_are_protocol_errors(answer: bytes, error: type) -
     async with scripted(script) as (url, _):
         upstream = pool(url)
         with pytest.raises(error):
-            await upstream.request("GET", "/", CIMultiDict(), b"")
+            await upstream.request("GET", "/", [], b"")
         await upstream.close()
 
 
@@ -300,7 +298,7 @@ async def test_a_short_body_and_a_bad_chunk_are_closed_mid_answer() -> None:
     async with scripted(script) as (url, _):
         upstream = pool(url)
         for _ in range(2):
-            response = await upstream.request("GET", "/", CIMultiDict(), b"")
+            response = await upstream.request("GET", "/", [], b"")
             with pytest.raises(UpstreamClosed):
                 await response.read()
             response.release()
@@ -310,7 +308,7 @@ async def test_a_short_body_and_a_bad_chunk_are_closed_mid_answer() -> None:
 async def test_refused_and_silent_upstreams() -> None:
     refused = pool(closed_port_url())
     with pytest.raises(UpstreamRefused):
-        await refused.request("GET", "/", CIMultiDict(), b"")
+        await refused.request("GET", "/", [], b"")
 
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(5)
@@ -318,7 +316,7 @@ async def test_refused_and_silent_upstreams() -> None:
     async with scripted(silent) as (url, _):
         upstream = pool(url, read_timeout=0.1)
         with pytest.raises(UpstreamTimeout):
-            await upstream.request("GET", "/", CIMultiDict(), b"")
+            await upstream.request("GET", "/", [], b"")
         await upstream.close()
 
 
@@ -343,7 +341,7 @@ async def test_the_pool_never_opens_more_than_its_limit() -> None:
         upstream = UpstreamPool(url, limit=2, connect_timeout=1.0, read_timeout=5.0)
 
         async def one() -> None:
-            response = await upstream.request("GET", "/", CIMultiDict(), b"")
+            response = await upstream.request("GET", "/", [], b"")
             await response.read()
             response.release()
 
@@ -366,7 +364,7 @@ async def test_a_chunk_size_that_is_not_plain_hex_ends_the_answer(size: bytes) -
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         with pytest.raises(UpstreamClosed, match="bad chunk size"):
             await response.read()
         response.release()
@@ -393,7 +391,7 @@ async def test_answers_split_at_every_byte_are_framed_the_same() -> None:
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        first = await upstream.request("GET", "/", CIMultiDict(), b"")
+        first = await upstream.request("GET", "/", [], b"")
         assert first.content_length == 5 and await first.read() == b"hello"
         first.release()
         # the second answer was already on its way: the same connection carries it
@@ -425,7 +423,7 @@ async def test_bytes_left_after_an_answer_keep_its_connection_out_of_the_pool() 
         upstream = pool(url)
         bodies = []
         for _ in range(2):
-            response = await upstream.request("GET", "/", CIMultiDict(), b"")
+            response = await upstream.request("GET", "/", [], b"")
             bodies.append(await response.read())
             response.release()
         await upstream.close()
@@ -447,7 +445,7 @@ async def test_a_large_request_body_arrives_whole() -> None:
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("POST", "/", CIMultiDict(), body)
+        response = await upstream.request("POST", "/", [], body)
         assert await response.read() == b"ok"
         response.release()
         await upstream.close()
@@ -465,7 +463,7 @@ async def test_a_slow_reader_stops_the_upstream_rather_than_buffering_its_answer
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         pieces = response.iter_chunks()
         received = [await anext(pieces)]
         await asyncio.sleep(0.3)  # the upstream could send all 4 MiB meanwhile
@@ -494,11 +492,11 @@ async def test_a_stalled_answer_times_out_mid_body_and_its_connection_is_dropped
 
     async with scripted(script) as (url, _):
         upstream = pool(url, read_timeout=0.2)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         with pytest.raises(UpstreamTimeout):
             await response.read()
         response.release()
-        again = await upstream.request("GET", "/", CIMultiDict(), b"")
+        again = await upstream.request("GET", "/", [], b"")
         assert await again.read() == b"ok"
         again.release()
         await upstream.close()
@@ -524,7 +522,7 @@ async def test_bytes_that_keep_coming_keep_a_slow_answer_alive() -> None:
 
     async with scripted(script) as (url, _):
         upstream = pool(url, read_timeout=0.5)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         assert await response.read() == b"012345"
         response.release()
         await upstream.close()
@@ -553,16 +551,16 @@ async def test_a_timer_armed_by_an_earlier_request_moves_to_a_later_waits_deadli
 
     async with scripted(script) as (url, _):
         upstream = pool(url, read_timeout=0.5)
-        first = await upstream.request("GET", "/", CIMultiDict(), b"")  # arms the timer
+        first = await upstream.request("GET", "/", [], b"")  # arms the timer
         assert await first.read() == b"ok"
         first.release()
         await asyncio.sleep(0.3)
         async with asyncio.timeout(3):  # a timer that lapsed would wait forever
             if second_answer_after is None:
                 with pytest.raises(UpstreamTimeout):
-                    await upstream.request("GET", "/", CIMultiDict(), b"")
+                    await upstream.request("GET", "/", [], b"")
             else:
-                second = await upstream.request("GET", "/", CIMultiDict(), b"")
+                second = await upstream.request("GET", "/", [], b"")
                 assert await second.read() == b"ok"
                 second.release()
         await upstream.close()
@@ -588,12 +586,12 @@ async def test_a_reset_mid_body_is_closed_and_a_reset_idle_connection_is_replace
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         with pytest.raises(UpstreamClosed):
             await response.read()
         response.release()
         for _ in range(2):  # the second finds the first's connection reset: a new one
-            response = await upstream.request("GET", "/", CIMultiDict(), b"")
+            response = await upstream.request("GET", "/", [], b"")
             assert await response.read() == b"ok"
             response.release()
             await asyncio.sleep(0.1)
@@ -617,10 +615,10 @@ async def test_a_304_has_no_body_whatever_its_length_says_and_keeps_its_connecti
 
     async with scripted(script) as (url, _):
         upstream = pool(url)
-        response = await upstream.request("GET", "/", CIMultiDict(), b"")
+        response = await upstream.request("GET", "/", [], b"")
         assert response.status == 304 and await response.read() == b""
         response.release()
-        again = await upstream.request("GET", "/", CIMultiDict(), b"")
+        again = await upstream.request("GET", "/", [], b"")
         assert await again.read() == b"ok"
         again.release()
         await upstream.close()
@@ -679,13 +677,33 @@ async def test_https_upstream_verified_against_the_trust_store(
         assert url.startswith("https://")
         untrusted = pool(url)
         with pytest.raises(UpstreamRefused):
-            await untrusted.request("GET", "/", CIMultiDict(), b"")
+            await untrusted.request("GET", "/", [], b"")
         await untrusted.close()
         monkeypatch.setenv("SSL_CERT_FILE", str(certificate))
         upstream = pool(url)
         for _ in range(4):
-            response = await upstream.request("GET", "/", CIMultiDict(), b"")
+            response = await upstream.request("GET", "/", [], b"")
             assert await response.read() == b"secure"
             response.release()
         await upstream.close()
     assert connections == 2
+
+
+async def test_a_slot_handed_to_a_cancelled_waiter_goes_to_the_next() -> None:
+    slots = _Slots(1)
+    assert slots.take_now()
+    first = asyncio.ensure_future(slots.take())
+    second = asyncio.ensure_future(slots.take())
+    queued = asyncio.ensure_future(slots.take())
+    await asyncio.sleep(0)
+    queued.cancel()  # cancelled while waiting: it never holds a slot
+    await asyncio.sleep(0)
+    slots.give()  # handed to the first waiter...
+    first.cancel()  # ...cancelled before it could run: the slot must not be lost
+    await asyncio.sleep(0)
+    assert first.cancelled() and queued.cancelled()
+    await asyncio.wait_for(second, 1)
+    assert not slots.take_now()  # the second holds the only slot
+    slots.give()
+    assert slots.take_now()
+    assert not slots.take_now()

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.ledger.sqlite import SQLiteLedger
+from proxy.ledger.schema import COLUMNS, record_row
+from proxy.ledger.sqlite import SHARE_FROM_ROWS, SQLiteLedger
 from tests.test_ledger import make_record, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -188,3 +189,41 @@ async def test_a_full_disk_delays_records_and_loses_none(tmp_path: Path) -> None
         with sqlite3.connect(ledger.path) as connection:
             assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
             assert connection.execute("SELECT count(*) FROM requests").fetchone() == (401,)
+
+
+@pytest.mark.parametrize("rows", [1, SHARE_FROM_ROWS - 1, SHARE_FROM_ROWS, 1500])
+async def test_rows_come_back_exactly_when_values_repeat_across_a_batch(
+    tmp_path: Path, rows: int
+) -> None:
+    """A batch where most columns hold one value (bound once) and some do not: every stored
+    row is the row appended, value for value and type for type."""
+    path = tmp_path / "joulegate.db"
+    ledger = SQLiteLedger(path, instance="n", flush_interval=60, batch_size=rows)
+    await ledger.start()
+    appended = []
+    for number in range(rows):
+        record = make_record(number, energy=12.5, images=None)
+        # Equal values of other types: 1 and 1.0 in a REAL column, 0.0 and -0.0 (which
+        # SQLite stores as 0.0 however it is bound).
+        record.dynamic_energy_joules = -0.0 if number % 2 else 0.0
+        record.carbon_grams = 0.25 + number  # a figure that differs in every row
+        record.duration_seconds = 1 if number % 3 else 1.0
+        record.model = "tiny-gpt2" if number < rows - 1 else "other"  # one differs at the end
+        ledger.append(record)
+        appended.append(record_row(record, "n"))
+    await until(lambda: ledger.stats().written == rows)
+    await ledger.close()
+
+    with contextlib.closing(sqlite3.connect(path)) as connection:
+        stored = connection.execute(
+            f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY seq"
+        ).fetchall()
+    assert len(stored) == rows
+    for row, expected in zip(stored, appended, strict=True):
+        for name, value, wanted in zip(COLUMNS, row, expected, strict=True):
+            if isinstance(wanted, bool):
+                wanted = int(wanted)
+            if isinstance(wanted, float) or name == "duration_seconds":
+                assert type(value) is float and value == wanted, name  # == on floats is exact
+            else:
+                assert (type(value), value) == (type(wanted), wanted), name

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 
 from proxy.attribution import Attribution, Attributor, Span
@@ -23,6 +24,12 @@ from proxy.records import STATUS_ABORTED, STATUS_OK, RecordStore, RequestRecord
 
 access_log = logging.getLogger("joulegate.access")
 log = logging.getLogger("joulegate")
+
+# Records published per turn of the event loop. Under load one reading finishes hundreds of
+# requests at once (about 450 at 9,000 requests/s and the 50 ms interval), and publishing
+# one (metrics, record store, ledger row) costs 10-15 us: all in one go, every client
+# would wait 5-7 ms for the loop each interval. In slices, no wait is over about 1 ms.
+PUBLISH_SLICE = 64
 
 
 class Recorder:
@@ -45,6 +52,8 @@ class Recorder:
         self.carbon = carbon or CarbonModel()
         self.in_flight: dict[str, RequestRecord] = {}
         self.pending: dict[str, RequestRecord] = {}  # ended, waiting for their energy
+        self._finished: deque[Attribution] = deque()  # final energy, not yet published
+        self._slice_scheduled = False
         self._waiters: dict[str, list[asyncio.Future[RequestRecord]]] = {}
         # ---- energy budgets: reservations held until the record's energy is known ----
         self.budgets = budgets
@@ -134,11 +143,31 @@ class Recorder:
 
     def _publish_finished(self) -> None:
         assert self.attributor is not None
-        for attribution in self.attributor.pop_finished():
-            record = self.pending.pop(attribution.request_id, None)
-            if record is not None:
-                self._apply(record, attribution)
-                self._publish(record)
+        self._finished.extend(self.attributor.pop_finished())
+        if not self._slice_scheduled:
+            self._publish_slice()
+
+    def _publish_slice(self) -> None:
+        """Publish up to PUBLISH_SLICE finished records, oldest first, and the rest on the
+        loop's next turns (all now where no loop runs)."""
+        self._slice_scheduled = False
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        finished = self._finished
+        count = len(finished) if loop is None else min(PUBLISH_SLICE, len(finished))
+        for _ in range(count):
+            self._publish_final(finished.popleft())
+        if finished and loop is not None:
+            self._slice_scheduled = True
+            loop.call_soon(self._publish_slice)
+
+    def _publish_final(self, attribution: Attribution) -> None:
+        record = self.pending.pop(attribution.request_id, None)
+        if record is not None:
+            self._apply(record, attribution)
+            self._publish(record)
 
     def drain(self, read: Callable[[], Reading] | None) -> None:
         """On the way out: end what is still in flight, settle with one last reading, then
@@ -150,7 +179,9 @@ class Recorder:
         if read is not None and self.pending and self.attributor is not None:
             # flush: settle up to this reading even if a quantised counter has not moved yet.
             self.attributor.add_reading(read(), flush=True)
-            self._publish_finished()
+            self._finished.extend(self.attributor.pop_finished())
+        while self._finished:  # now, not on later turns: the loop is about to stop
+            self._publish_final(self._finished.popleft())
         for record in list(self.pending.values()):
             del self.pending[record.id]
             record.meter = self.meter_name

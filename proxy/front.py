@@ -207,16 +207,17 @@ def _reason(status: int) -> str:
 
 
 _date_second = 0
-_date_text = ""
+_date_lines = ""
 
 
-def _date() -> str:
-    """The Date header's value, formatted once a second."""
-    global _date_second, _date_text
+def _date_and_server() -> str:
+    """The Date and Server header lines every answer carries, formatted once a second."""
+    global _date_second, _date_lines
     now = int(time.time())
     if now != _date_second:
-        _date_second, _date_text = now, email.utils.formatdate(now, usegmt=True)
-    return _date_text
+        date = email.utils.formatdate(now, usegmt=True)
+        _date_second, _date_lines = now, f"\r\nDate: {date}\r\nServer: {SERVER}"
+    return _date_lines
 
 
 class ClientConnection(BaseProtocol):
@@ -473,22 +474,23 @@ class ClientConnection(BaseProtocol):
         headers: Iterable[tuple[str, str]],
         length: int | None,
     ) -> bytes:
-        lines = [f"HTTP/1.1 {status} {reason if reason is not None else _reason(status)}"]
-        lines.extend(f"{name}: {value}" for name, value in headers)
-        lines.append(f"Date: {_date()}")
-        lines.append(f"Server: {SERVER}")
+        # One join of the pieces, as the upstream request's head is built.
+        pieces = ["HTTP/1.1 ", str(status), " ", _reason(status) if reason is None else reason]
+        for name, value in headers:
+            pieces += ("\r\n", name, ": ", value)
+        pieces.append(_date_and_server())
         if length is not None:
             if not _bodiless(status):
-                lines.append(f"Content-Length: {length}")
+                pieces += ("\r\nContent-Length: ", str(length))
         elif self._chunked:
-            lines.append("Transfer-Encoding: chunked")
+            pieces.append("\r\nTransfer-Encoding: chunked")
         if self._close_after or self.front.stopping:
             self._close_after = True
-            lines.append("Connection: close")
+            pieces.append("\r\nConnection: close")
         elif self._version < (1, 1):
-            lines.append("Connection: keep-alive")  # HTTP/1.0 assumes close unless told
-        lines.append("\r\n")
-        return "\r\n".join(lines).encode("utf-8", "surrogateescape")
+            pieces.append("\r\nConnection: keep-alive")  # HTTP/1.0 assumes close unless told
+        pieces.append("\r\n\r\n")
+        return "".join(pieces).encode("utf-8", "surrogateescape")
 
     # ---- closing ----
 

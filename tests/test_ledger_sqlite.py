@@ -17,7 +17,14 @@ from pathlib import Path
 import pytest
 
 from proxy.ledger.schema import COLUMNS, record_row
-from proxy.ledger.sqlite import SHARE_FROM_ROWS, SQLiteLedger
+from proxy.ledger.sqlite import (
+    SHAPES_PER_SIZE,
+    SHARE_FROM_ROWS,
+    Shapes,
+    SQLiteLedger,
+    _statement,
+    migrate,
+)
 from tests.test_ledger import make_record, until
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -227,3 +234,34 @@ async def test_rows_come_back_exactly_when_values_repeat_across_a_batch(
                 assert type(value) is float and value == wanted, name  # == on floats is exact
             else:
                 assert (type(value), value) == (type(wanted), wanted), name
+
+
+def test_a_piece_size_prepares_few_statement_shapes_and_every_row_stays_exact() -> None:
+    """Pieces whose constant columns differ each time: at most SHAPES_PER_SIZE sharing
+    statements per size (each is a prepared statement SQLite keeps), rows exact whatever
+    the shape they went in with."""
+    connection = sqlite3.connect(":memory:", isolation_level=None)
+    migrate(connection)
+    shapes: Shapes = {}
+    used: set[str] = set()
+    appended = []
+    for piece in range(8):
+        rows = []
+        for number in range(SHARE_FROM_ROWS):
+            varying = {
+                "tenant": f"t{number % 2}" if piece & 1 else "t",
+                "model": f"m{number % 2}" if piece & 2 else "m",
+                "reason": f"r{number % 2}" if piece & 4 else None,
+            }
+            record = make_record(piece * 1000 + number, **varying)
+            rows.append(record_row(record, "n"))
+        sql, parameters = _statement(rows, shapes)
+        connection.execute(sql, parameters)
+        used.add(sql)
+        appended += rows
+    assert len(shapes[SHARE_FROM_ROWS]) <= SHAPES_PER_SIZE
+    assert len(used) <= SHAPES_PER_SIZE + 1  # and the statement that shares nothing
+    stored = connection.execute(f"SELECT {', '.join(COLUMNS)} FROM requests ORDER BY seq")
+    assert [tuple(row) for row in stored] == [
+        tuple(int(v) if isinstance(v, bool) else v for v in row) for row in appended
+    ]

@@ -65,15 +65,10 @@ CHECKPOINT_PAGES = 4000
 # the rest in power-of-two pieces: about one statement step per thousand rows rather than
 # one per row, as `executemany` would, so the writer thread hands the GIL to the event loop
 # and waits to take it back once per statement instead of once per row (~5 % less CPU and
-# ~10 % more records a second under load), with at most 11 statement shapes to prepare.
+# ~10 % more records a second under load), with few statement shapes to prepare: 11 sizes,
+# times the sets of columns shared (below) that traffic shows.
 ROWS_PER_INSERT = 1024
 assert ROWS_PER_INSERT * len(COLUMNS) <= 32_766
-
-
-@functools.lru_cache(maxsize=16)
-def _insert(rows: int) -> str:
-    values = ", ".join([f"({', '.join('?' * len(COLUMNS))})"] * rows)
-    return f"INSERT INTO requests ({', '.join(COLUMNS)}) VALUES {values} ON CONFLICT DO NOTHING"
 
 
 # Binding is most of what a flush costs the event loop: about 0.1 us a value, with the GIL
@@ -83,12 +78,17 @@ def _insert(rows: int) -> str:
 # every row names. Measured on 2 cores: a piece of 1,024 rows binds in a third of the time.
 # Pieces of fewer rows gain too little to be worth a statement shape of their own.
 SHARE_FROM_ROWS = 64
+# Each shape is a statement SQLite keeps prepared: 3.6 MB for one of 1,024 rows. So a size
+# has at most two shapes that share columns (the first two sets traffic showed); a piece
+# whose set is neither shares the largest of them that it can, or none.
+SHAPES_PER_SIZE = 2
+Shapes = dict[int, list[tuple[int, ...]]]  # rows in a piece -> the column sets it shares
 
 
-@functools.lru_cache(maxsize=32)
-def _insert_sharing(rows: int, shared: tuple[int, ...]) -> str:
-    """`_insert(rows)` with the columns at `shared` positions bound once, as ?1, ?2...;
-    the other columns follow row by row."""
+@functools.lru_cache(maxsize=64)
+def _insert(rows: int, shared: tuple[int, ...] = ()) -> str:
+    """A multi-row INSERT of `rows` rows whose columns at `shared` positions are bound once,
+    as ?1, ?2...; the other columns follow row by row."""
     numbers = {position: number for number, position in enumerate(shared, start=1)}
     varying = [position for position in range(len(COLUMNS)) if position not in numbers]
     tuples = []
@@ -111,16 +111,23 @@ def _same_in_all(values: tuple[Any, ...]) -> bool:
     return values.count(values[0]) == len(values)
 
 
-def _statement(rows: list[Row]) -> tuple[str, list[Any]]:
-    """The INSERT for one piece of rows and its parameters."""
+def _statement(rows: list[Row], shapes: Shapes) -> tuple[str, list[Any]]:
+    """The INSERT for one piece of rows and its parameters; `shapes` are the sharing
+    statements this connection has used so far (it may gain one)."""
     if len(rows) >= SHARE_FROM_ROWS:
         columns = list(zip(*rows, strict=True))
-        shared = tuple(p for p, values in enumerate(columns) if _same_in_all(values))
-        varying = [p for p in range(len(COLUMNS)) if p not in shared]
-        if shared and len(varying) >= 2:  # (the id always varies)
-            parameters = [columns[p][0] for p in shared]
-            parameters += chain.from_iterable(map(itemgetter(*varying), rows))
-            return _insert_sharing(len(rows), shared), parameters
+        constant = {p for p, values in enumerate(columns) if _same_in_all(values)}
+        if len(constant) <= len(COLUMNS) - 2:  # two vary at least (the id always does)
+            known = shapes.setdefault(len(rows), [])
+            shared = max((s for s in known if constant.issuperset(s)), key=len, default=())
+            if len(shared) < len(constant) and len(known) < SHAPES_PER_SIZE:
+                shared = tuple(sorted(constant))
+                known.append(shared)
+            if shared:
+                varying = [p for p in range(len(COLUMNS)) if p not in shared]
+                parameters = [columns[p][0] for p in shared]
+                parameters += chain.from_iterable(map(itemgetter(*varying), rows))
+                return _insert(len(rows), shared), parameters
     return _insert(len(rows)), list(chain.from_iterable(rows))
 
 
@@ -187,6 +194,7 @@ class SQLiteLedger(Ledger):
         self._closing = threading.Event()
         self._writer: threading.Thread | None = None
         self._write_connection: sqlite3.Connection | None = None
+        self._shapes: Shapes = {}  # the writer thread's own
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger-read")
         self._read_connection: sqlite3.Connection | None = None
 
@@ -304,7 +312,7 @@ class SQLiteLedger(Ledger):
         try:
             (before,) = connection.execute("SELECT coalesce(max(seq), 0) FROM requests").fetchone()
             for rows in _pieces(batch):
-                connection.execute(*_statement(rows))
+                connection.execute(*_statement(rows, self._shapes))
             connection.execute(_ROLL_UP, (before,))
             connection.execute("COMMIT")
         except BaseException:

@@ -147,16 +147,16 @@ class Recorder:
         if not self._slice_scheduled:
             self._publish_slice()
 
-    def _publish_slice(self) -> None:
+    def _publish_slice(self, *, all_now: bool = False) -> None:
         """Publish up to PUBLISH_SLICE finished records, oldest first, and the rest on the
-        loop's next turns (all now where no loop runs)."""
+        loop's next turns; all of them now with `all_now` or where no loop runs."""
         self._slice_scheduled = False
         try:
             loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             loop = None
         finished = self._finished
-        count = len(finished) if loop is None else min(PUBLISH_SLICE, len(finished))
+        count = len(finished) if all_now or loop is None else min(PUBLISH_SLICE, len(finished))
         for _ in range(count):
             self._publish_final(finished.popleft())
         if finished and loop is not None:
@@ -180,8 +180,7 @@ class Recorder:
             # flush: settle up to this reading even if a quantised counter has not moved yet.
             self.attributor.add_reading(read(), flush=True)
             self._finished.extend(self.attributor.pop_finished())
-        while self._finished:  # now, not on later turns: the loop is about to stop
-            self._publish_final(self._finished.popleft())
+        self._publish_slice(all_now=True)  # not on later turns: the loop is about to stop
         for record in list(self.pending.values()):
             del self.pending[record.id]
             record.meter = self.meter_name
